@@ -1,0 +1,5 @@
+"""``python -m handoff``."""
+
+from handoff.cli import main
+
+main()

@@ -1,0 +1,351 @@
+"""The master's event loop: one thread, one selector, the machine fed in a fixed order.
+
+Layer 2 (shell). The selector watches the signal wakeup socket, the notify socket, one
+pidfd per child and the warden's pidfd; it blocks until the earliest timer, never on a
+periodic tick. Each wake-up turns what is ready into events (signals, exits, notify
+messages, probe results, then due timers), feeds them to ``Supervisor.handle`` and runs
+the returned actions.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Final
+
+from handoff import actions as act
+from handoff import children, proc
+from handoff import events as ev
+from handoff.config import ReadyMode, RunConfig
+from handoff.errors import EXIT_FAILURE, SpawnError
+from handoff.logs import emit
+from handoff.machine import Policy, Supervisor
+from handoff.model import GenerationState, GenId, Pid
+from handoff.notify import NotifyServer
+from handoff.protocol import expand_placeholders, worker_environment
+from handoff.signals import SignalInbox
+from handoff.sockets import Listener
+from handoff.timers import Timers
+from handoff.warden import Warden
+
+Clock = Callable[[], float]
+
+
+class Source(Enum):
+    SIGNALS = auto()
+    NOTIFY = auto()
+    WORKER = auto()
+    PROBE = auto()
+    WARDEN = auto()
+
+
+NO_PID: Final = Pid(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    source: Source
+    pid: Pid = NO_PID
+
+
+@dataclass(slots=True)
+class Probe:
+    child: children.Child
+    cancelled: bool = False
+
+
+class MasterLoop:
+    def __init__(
+        self,
+        config: RunConfig,
+        listeners: list[Listener],
+        warden: Warden,
+        *,
+        environ: Mapping[str, str],
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._listeners = listeners
+        self._warden = warden
+        self._environ = dict(environ)
+        self._clock = clock
+        self._machine = Supervisor(
+            Policy(
+                workers=config.workers,
+                ready=config.ready,
+                ready_timeout_s=config.timeouts.ready_s,
+                drain_timeout_s=config.timeouts.drain_s,
+                stop_signal=config.stop_signal,
+            )
+        )
+        self._timers = Timers()
+        self._selector = selectors.DefaultSelector()
+        self._workers: dict[Pid, children.Child] = {}
+        self._probes: dict[Pid, Probe] = {}  # keyed by the worker's pid
+        self._exit: act.Exit | None = None
+        self.exit_reason = ""
+        self._inbox: SignalInbox | None = None
+        self._notify: NotifyServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until the machine says exit; return the exit code."""
+        self._inbox = SignalInbox()
+        self._notify = NotifyServer()
+        self._selector.register(self._inbox.fileno(), selectors.EVENT_READ, Watch(Source.SIGNALS))
+        self._selector.register(self._notify.fileno(), selectors.EVENT_READ, Watch(Source.NOTIFY))
+        self._selector.register(self._warden.pidfd, selectors.EVENT_READ, Watch(Source.WARDEN))
+        try:
+            self._update_title()
+            self._feed(ev.Started())
+            while self._exit is None:
+                self._turn()
+        finally:
+            self._shut_down()
+        return self._exit.code
+
+    def _turn(self) -> None:
+        deadline = self._timers.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        ready = self._selector.select(timeout)
+        watches = sorted((key.data for key, _ in ready), key=lambda w: w.source.value)
+        for watch in watches:
+            if self._exit is not None:
+                return
+            self._on_ready(watch)
+        for key in self._timers.pop_due(self._clock()):
+            if self._exit is not None:
+                return
+            self._feed(ev.TimerFired(key=key))
+        self._update_title()
+
+    def _on_ready(self, watch: Watch) -> None:
+        match watch.source:
+            case Source.SIGNALS:
+                assert self._inbox is not None
+                for sig in self._inbox.drain():
+                    self._on_signal(sig)
+            case Source.WORKER:
+                self._on_worker_exit(watch.pid)
+            case Source.NOTIFY:
+                self._on_notify()
+            case Source.PROBE:
+                self._on_probe_exit(watch.pid)
+            case Source.WARDEN:
+                self._selector.unregister(self._warden.pidfd)
+                emit(
+                    "warden.exited",
+                    "error",
+                    hint="workers will outlive the master if it is SIGKILLed",
+                )
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        match sig:
+            case signal.SIGHUP:
+                self._feed(ev.ReloadRequested(source="SIGHUP"))
+            case signal.SIGTERM | signal.SIGINT:
+                self._feed(ev.StopRequested(fast=False, source=sig.name))
+            case signal.SIGQUIT:
+                self._feed(ev.StopRequested(fast=True, source=sig.name))
+            case signal.SIGUSR1:
+                self._feed(ev.ForwardRequested(signal=sig))
+            case signal.SIGCHLD:
+                tracked = {
+                    *self._workers,
+                    *(p.child.pid for p in self._probes.values()),
+                    self._warden.pid,
+                }
+                for pid in proc.reap_strays(tracked):
+                    emit("stray.reaped", "debug", pid=pid)
+            case _:
+                pass
+
+    def _shut_down(self) -> None:
+        # Normally every worker is gone by now; after an internal error, make it so.
+        for pid, child in list(self._workers.items()):
+            proc.kill_tree(pid)
+            children.wait(child, block=True)
+            self._forget_worker(pid)
+        for probe in self._probes.values():
+            proc.kill_tree(probe.child.pid)
+            children.wait(probe.child, block=True)
+            probe.child.close()
+        self._probes.clear()
+        tracked = {self._warden.pid}
+        for pid in proc.kill_and_reap_strays(tracked):
+            emit("stray.killed", "warning", pid=pid)
+        if self._inbox is not None:
+            self._inbox.close()
+        if self._notify is not None:
+            self._notify.close()
+        self._selector.close()
+        if self._exit is None:
+            self._exit = act.Exit(code=EXIT_FAILURE, reason="internal error")
+
+    # -- feeding the machine ------------------------------------------------------------
+
+    def _feed(self, event: ev.Event) -> None:
+        for action in self._machine.handle(event, self._clock()):
+            self._execute(action)
+
+    def _execute(self, action: act.Action) -> None:
+        match action:
+            case act.SpawnWorker(gen=gen, slot=slot):
+                self._spawn_worker(gen, slot)
+            case act.SendSignal(pid=pid, signal=sig):
+                child = self._workers.get(pid)
+                if child is not None and children.send_signal(child, sig):
+                    emit("worker.signalled", "debug", pid=pid, signal=sig.name)
+            case act.KillTree(pid=pid):
+                proc.kill_tree(pid)
+            case act.StartTimer(key=key, delay_s=delay):
+                self._timers.start(key, self._clock() + delay)
+            case act.CancelTimer(key=key):
+                self._timers.cancel(key)
+            case act.RunProbe(pid=pid, gen=gen, slot=slot):
+                self._run_probe(pid, gen, slot)
+            case act.CancelProbe(pid=pid):
+                self._cancel_probe(pid)
+            case act.Report(event=name, level=level, fields=fields):
+                emit(name, level, **fields)
+            case act.Exit(reason=reason):
+                self._exit = action
+                self.exit_reason = reason
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _spawn_worker(self, gen: GenId, slot: int) -> None:
+        assert self._notify is not None
+        config = self._config
+        try:
+            executable = _resolve(config.command[0], self._environ)
+            argv = expand_placeholders(config.command, len(self._listeners))
+            env = worker_environment(
+                self._environ,
+                listener_names=[listener.name for listener in self._listeners],
+                notify_socket=self._notify.address,
+                generation=gen,
+                slot=slot,
+            )
+            child = children.spawn(
+                children.SpawnRequest(
+                    executable=executable,
+                    argv=argv,
+                    env=env,
+                    listen_fds=[listener.fileno() for listener in self._listeners],
+                    set_listen_pid=True,
+                )
+            )
+        except SpawnError as exc:
+            self._feed(ev.SpawnFailed(gen=gen, slot=slot, reason=exc.message))
+            return
+        self._workers[child.pid] = child
+        self._warden.register(child.pid)
+        self._selector.register(child.pidfd, selectors.EVENT_READ, Watch(Source.WORKER, child.pid))
+        self._feed(ev.WorkerSpawned(gen=gen, slot=slot, pid=child.pid))
+
+    def _on_worker_exit(self, pid: Pid) -> None:
+        child = self._workers[pid]
+        # The leader is a zombie until waited for, so its pid (the group id) cannot be
+        # recycled yet: whatever is left in its group dies with it.
+        children.kill_group(pid)
+        status = children.wait(child)
+        if status is None:
+            return
+        self._forget_worker(pid)
+        self._feed(ev.ChildExited(pid=pid, status=status))
+
+    def _forget_worker(self, pid: Pid) -> None:
+        child = self._workers.pop(pid)
+        self._selector.unregister(child.pidfd)
+        child.close()
+        self._warden.unregister(pid)
+
+    def _on_notify(self) -> None:
+        assert self._notify is not None
+        for sender, fields in self._notify.receive():
+            worker = proc.owning_worker(sender, self._workers)
+            if worker is None:
+                emit(
+                    "notify.ignored",
+                    "debug",
+                    sender=sender,
+                    reason="not in a worker's process tree",
+                )
+                continue
+            self._feed(
+                ev.WorkerNotified(
+                    pid=worker,
+                    sender=sender,
+                    ready=fields.get("READY") == "1",
+                    stopping=fields.get("STOPPING") == "1",
+                    status=fields.get("STATUS"),
+                )
+            )
+
+    # -- readiness probes ---------------------------------------------------------------
+
+    def _run_probe(self, worker: Pid, gen: GenId, slot: int) -> None:
+        if self._config.ready.mode is not ReadyMode.EXEC:
+            return  # the /proc scanner of --ready auto plugs in here (next issue)
+        env = dict(self._environ)
+        env.update(
+            HANDOFF_WORKER_PID=str(worker), HANDOFF_GENERATION=str(gen), HANDOFF_WORKER=str(slot)
+        )
+        try:
+            child = children.spawn(
+                children.SpawnRequest(
+                    executable="/bin/sh", argv=["sh", "-c", self._config.ready.command], env=env
+                )
+            )
+        except SpawnError as exc:
+            self._feed(ev.ProbeFinished(pid=worker, ok=False, detail=exc.message))
+            return
+        self._probes[worker] = Probe(child)
+        self._selector.register(child.pidfd, selectors.EVENT_READ, Watch(Source.PROBE, worker))
+
+    def _cancel_probe(self, worker: Pid) -> None:
+        probe = self._probes.get(worker)
+        if probe is not None and not probe.cancelled:
+            probe.cancelled = True
+            proc.kill_tree(probe.child.pid)
+
+    def _on_probe_exit(self, worker: Pid) -> None:
+        probe = self._probes[worker]
+        children.kill_group(probe.child.pid)
+        status = children.wait(probe.child)
+        if status is None:
+            return
+        del self._probes[worker]
+        self._selector.unregister(probe.child.pidfd)
+        probe.child.close()
+        if not probe.cancelled:
+            self._feed(ev.ProbeFinished(pid=worker, ok=status.success, detail=status.describe()))
+
+    # -- titles -------------------------------------------------------------------------
+
+    def _update_title(self) -> None:
+        machine = self._machine
+        active = machine.generation_in(GenerationState.ACTIVE)
+        serving = (
+            f"gen {active.id}, {active.ready_count()}/{active.size} ready"
+            if active
+            else "no generation serving"
+        )
+        proc.set_title(f"handoff: master [{self._config.name}] {serving}, {machine.state.value}")
+
+
+def _resolve(command: str, environ: Mapping[str, str]) -> str:
+    """Find the executable as it is on disk now (a reload picks up a new release)."""
+    import shutil  # noqa: PLC0415
+
+    found = shutil.which(command, path=environ.get("PATH", os.defpath))
+    if found is None:
+        raise SpawnError(f"command not found: '{command}'")
+    return found

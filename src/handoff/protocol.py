@@ -1,0 +1,68 @@
+"""What a worker gets: its environment, its argv placeholders, and the notify wire format.
+
+Layer 0 (pure). docs/protocol.md is the user-facing description of the same contract.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from handoff.errors import ConfigError
+
+FIRST_LISTEN_FD: Final = 3
+# Variables that belong to the master's own supervisor (systemd), never to a worker:
+# a worker that inherited them would talk to PID 1 directly (sidekiq#5829).
+STRIPPED_VARIABLES: Final = frozenset(
+    {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
+)
+_PLACEHOLDER = re.compile(r"\{fd(\d*)\}")
+
+
+def worker_environment(
+    base: Mapping[str, str],
+    *,
+    listener_names: Sequence[str],
+    notify_socket: str,
+    generation: int,
+    slot: int,
+) -> dict[str, str]:
+    """Build a worker's environment, without LISTEN_PID (only the child knows its pid)."""
+    env = {key: value for key, value in base.items() if key not in STRIPPED_VARIABLES}
+    env["LISTEN_FDS"] = str(len(listener_names))
+    env["LISTEN_FDNAMES"] = ":".join(listener_names)
+    env["NOTIFY_SOCKET"] = notify_socket
+    env["HANDOFF_GENERATION"] = str(generation)
+    env["HANDOFF_WORKER"] = str(slot)
+    return env
+
+
+def expand_placeholders(argv: Sequence[str], listener_count: int) -> list[str]:
+    """Replace ``{fd}`` (first socket) and ``{fdN}`` (socket N) by the worker's fd numbers."""
+
+    def replace(match: re.Match[str]) -> str:
+        index = int(match.group(1) or 0)
+        if index >= listener_count:
+            raise ConfigError(
+                f"'{match.group(0)}' names socket {index}, "
+                f"but there are only {listener_count} --bind addresses"
+            )
+        return str(FIRST_LISTEN_FD + index)
+
+    return [_PLACEHOLDER.sub(replace, arg) for arg in argv]
+
+
+def parse_notify(payload: bytes) -> dict[str, str]:
+    """Parse an sd_notify datagram: newline-separated KEY=VALUE assignments."""
+    fields: dict[str, str] = {}
+    for line in payload.decode("utf-8", "replace").split("\n"):
+        key, sep, value = line.partition("=")
+        if sep and key:
+            fields[key] = value
+    return fields
+
+
+def fd_name(address: str) -> str:
+    """A LISTEN_FDNAMES-safe name for a listener (no ':', at most 255 characters)."""
+    return re.sub(r"[^A-Za-z0-9_.@/-]", "_", address)[:255] or "socket"

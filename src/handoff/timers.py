@@ -1,0 +1,71 @@
+"""A heap of named deadlines with lazy cancellation.
+
+Layer 0 (pure): the clock is passed in, so tests drive time by hand.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from enum import StrEnum
+from typing import NamedTuple
+
+
+class TimerKind(StrEnum):
+    READY_TIMEOUT = "ready-timeout"  # per worker: not ready in --ready-timeout
+    READY_DELAY = "ready-delay"  # per worker: --ready delay:S elapsed
+    PROBE_RETRY = "probe-retry"  # per worker: run the readiness probe again
+    DRAIN = "drain"  # per worker: --drain-timeout after the stop signal
+    RESPAWN = "respawn"  # per (generation, slot): backoff before respawning a crashed worker
+
+
+class TimerKey(NamedTuple):
+    kind: TimerKind
+    ident: int
+    slot: int = 0
+
+
+class Timers:
+    """Deadlines keyed by TimerKey; starting a key again replaces its deadline."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, TimerKey]] = []
+        self._deadlines: dict[TimerKey, tuple[float, int]] = {}
+        self._sequence = itertools.count()
+
+    def start(self, key: TimerKey, deadline: float) -> None:
+        entry = (deadline, next(self._sequence))
+        self._deadlines[key] = entry
+        heapq.heappush(self._heap, (*entry, key))
+
+    def cancel(self, key: TimerKey) -> None:
+        self._deadlines.pop(key, None)
+
+    def __contains__(self, key: TimerKey) -> bool:
+        return key in self._deadlines
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def next_deadline(self) -> float | None:
+        self._drop_cancelled()
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> list[TimerKey]:
+        """Remove and return the keys whose deadline is at or before now, earliest first."""
+        due: list[TimerKey] = []
+        while True:
+            self._drop_cancelled()
+            if not self._heap or self._heap[0][0] > now:
+                return due
+            _, _, key = heapq.heappop(self._heap)
+            del self._deadlines[key]
+            due.append(key)
+
+    def _drop_cancelled(self) -> None:
+        # An entry is stale when its key was cancelled or restarted with a newer sequence.
+        while self._heap:
+            deadline, sequence, key = self._heap[0]
+            if self._deadlines.get(key) == (deadline, sequence):
+                return
+            heapq.heappop(self._heap)
