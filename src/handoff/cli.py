@@ -64,6 +64,9 @@ class _HandoffGroup(click.Group):
                 args, prog_name or "handoff", complete_var, standalone_mode=False, **extra
             )
             code = result if isinstance(result, int) else 0
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.format_message(), err=True)
+            code = EXIT_USAGE
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "handoff"
             code = _report(exc.format_message(), f"see '{where} --help'", EXIT_USAGE)

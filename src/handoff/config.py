@@ -52,11 +52,11 @@ def parse_bind(text: str) -> BindSpec:
         return BindSpec(kind=BindKind.UNIX, text=text, path=path)
     if text.startswith("fd:"):
         number = text.removeprefix("fd:")
-        if not number.isdigit():
+        if not _is_decimal(number):
             raise ConfigError(f"'{text}': fd: needs a file descriptor number (forms: {BIND_FORMS})")
         return BindSpec(kind=BindKind.FD, text=text, fd=int(number))
     host, port_text = _split_host_port(text)
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not _is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"'{text}': port must be an integer 0-65535 (forms: {BIND_FORMS})")
     return BindSpec(kind=BindKind.TCP, text=text, host=host, port=int(port_text))
 
@@ -72,11 +72,15 @@ def _split_host_port(text: str) -> tuple[str, str]:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ConfigError(f"'{text}': '{host}' is not an IPv6 address") from None
+            raise ConfigError(
+                f"'{text}': '{host}' is not an IPv6 address (forms: {BIND_FORMS})"
+            ) from None
         return host, text[closing + 2 :]
     host, sep, port = text.rpartition(":")
     if not sep:
         raise ConfigError(f"'{text}': missing ':PORT' (forms: {BIND_FORMS})")
+    if host != host.strip():
+        raise ConfigError(f"'{text}': the host has surrounding spaces (forms: {BIND_FORMS})")
     if ":" in host:
         raise ConfigError(
             f"'{text}': put IPv6 addresses in brackets, [V6]:PORT (forms: {BIND_FORMS})"
@@ -84,19 +88,27 @@ def _split_host_port(text: str) -> tuple[str, str]:
     return host or "0.0.0.0", port  # noqa: S104 - ':PORT' means every interface, as in gunicorn
 
 
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_signal(text: str) -> signal.Signals:
     """Parse a signal name (TERM, SIGTERM, sigterm) or number."""
     candidate = text.strip().upper()
-    if candidate.isdigit():
+    if _is_decimal(candidate):
         try:
-            return signal.Signals(int(candidate))
+            sig = signal.Signals(int(candidate))
         except ValueError:
             raise ConfigError(f"'{text}': no such signal number") from None
-    name = candidate if candidate.startswith("SIG") else f"SIG{candidate}"
-    try:
-        sig = signal.Signals[name]
-    except KeyError:
-        raise ConfigError(f"'{text}': unknown signal (examples: TERM, QUIT, INT, USR1)") from None
+    else:
+        name = candidate if candidate.startswith("SIG") else f"SIG{candidate}"
+        try:
+            sig = signal.Signals[name]
+        except KeyError:
+            raise ConfigError(
+                f"'{text}': unknown signal (examples: TERM, QUIT, INT, USR1)"
+            ) from None
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         raise ConfigError(
             f"'{text}': {sig.name} cannot be a stop signal; a worker cannot drain on it"

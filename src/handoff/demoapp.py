@@ -30,10 +30,7 @@ _MAX_BODY_BYTES: Final = 1024 * 1024
 _MAX_SLEEP_MS: Final = 60_000
 # Past this a drain stops waiting for clients that do not read their responses.
 _DRAIN_LIMIT_S: Final = _MAX_SLEEP_MS / 1000 + 2 * _IDLE_GRACE_S
-# asyncio calls listen() again on a socket it is given, and listen() on a listening socket
-# resets its backlog. The socket is shared with the master and the other workers, so ask
-# for the most and let the kernel clamp it to net.core.somaxconn.
-_BACKLOG: Final = 65535
+_ACCEPT_BATCH: Final = 128  # accepts per wake-up, so one burst cannot starve the loop
 
 
 class StartupError(Exception):
@@ -210,46 +207,83 @@ class _HttpConnection(asyncio.Protocol):
 
 
 class _App:
-    """The connections of one worker and its drain."""
+    """The listening sockets and connections of one worker, and its drain."""
 
-    def __init__(self, responses: _Responses) -> None:
+    def __init__(self, responses: _Responses, listeners: list[socket.socket]) -> None:
         self.responses = responses
         self.connections: set[_HttpConnection] = set()
         self.draining = False
-        self._all_closed = asyncio.Event()
+        self._listeners = listeners
+        # Accepted sockets whose transport asyncio is still setting up. Accepting by hand
+        # (not with loop.create_server) is what makes them countable: a drain must not
+        # end while one is on its way, or its request dies with the process (a reset).
+        # It also avoids create_server's listen() call, which would reset the backlog of
+        # the socket shared with the master and the other workers.
+        self._adopting: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        for sock in listeners:
+            sock.setblocking(False)
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # EMFILE and the like: the master will see us struggle
+                print(f"demoapp: accept: {exc}", file=sys.stderr)
+                return
+            task = self._loop.create_task(self._adopt(conn))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopted)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: _HttpConnection(self), conn)
+        except OSError:
+            conn.close()
+
+    def _adopted(self, task: asyncio.Task[None]) -> None:
+        self._adopting.discard(task)
+        self._changed.set()
 
     def forget(self, connection: _HttpConnection) -> None:
         self.connections.discard(connection)
-        if self.draining and not self.connections:
-            self._all_closed.set()
+        self._changed.set()
 
-    async def drain(self, servers: Sequence[asyncio.Server]) -> None:
+    async def _until_idle(self, timeout_s: float) -> bool:
+        """Wait until no connection is left; False if timeout_s passes first."""
+        deadline = self._loop.time() + timeout_s
+        while self.connections or self._adopting:
+            self._changed.clear()
+            remaining = deadline - self._loop.time()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(remaining, 0))
+            except TimeoutError:
+                return False
+        return True
+
+    async def drain(self) -> None:
         """Stop accepting, finish every request in flight, then return."""
-        for server in servers:
+        for sock in self._listeners:
             # Closes only this process's copy of the listening socket: the master and the
             # other workers keep theirs, so nothing in the accept queue is lost.
-            server.close()
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
         _notify(b"STOPPING=1")
         self.draining = True
-        # A connection accepted just before the close reaches connection_made only two
-        # loop iterations later (a task, then a call_soon); let those run before deciding
-        # that no connection is left, or its request would be lost with the process.
-        for _ in range(3):
-            await asyncio.sleep(0)
-        if not self.connections:
-            return
         # Closing an idle keep-alive connection now would race with the client's next
         # request (our FIN crossing it means a lost request). Instead the next request
         # on each connection is answered with "Connection: close"; only connections
         # still silent after the grace are closed.
-        try:
-            await asyncio.wait_for(self._all_closed.wait(), _IDLE_GRACE_S)
-        except TimeoutError:
+        if not await self._until_idle(_IDLE_GRACE_S):
             for connection in list(self.connections):
                 connection.close_unless_busy()
-        try:
-            await asyncio.wait_for(self._all_closed.wait(), _DRAIN_LIMIT_S)
-        except TimeoutError:
+        if not await self._until_idle(_DRAIN_LIMIT_S):
             print("demoapp: drain: clients not reading their responses; exiting", file=sys.stderr)
 
 
@@ -292,19 +326,7 @@ def _inherited_sockets() -> list[socket.socket]:
 
 async def _serve(sockets: list[socket.socket], responses: _Responses, generation: str) -> int:
     loop = asyncio.get_running_loop()
-    app = _App(responses)
-    servers = []
-    for sock in sockets:
-        if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(
-                lambda: _HttpConnection(app), sock=sock, backlog=_BACKLOG
-            )
-        else:
-            server = await loop.create_server(
-                lambda: _HttpConnection(app), sock=sock, backlog=_BACKLOG
-            )
-        servers.append(server)
-
+    app = _App(responses, sockets)
     stop = asyncio.Event()
 
     def on_signal(signum: int) -> None:
@@ -317,7 +339,7 @@ async def _serve(sockets: list[socket.socket], responses: _Responses, generation
 
     _notify(f"READY=1\nSTATUS=serving generation {generation}".encode())
     await stop.wait()
-    await app.drain(servers)
+    await app.drain()
     return 0
 
 

@@ -27,7 +27,12 @@ from handoff.logs import emit
 from handoff.machine import Policy, Supervisor
 from handoff.model import GenerationState, GenId, Pid
 from handoff.notify import NotifyServer
-from handoff.protocol import expand_placeholders, worker_environment
+from handoff.protocol import (
+    clean_environment,
+    expand_placeholders,
+    names_sockets_in_argv,
+    worker_environment,
+)
 from handoff.signals import SignalInbox
 from handoff.sockets import Listener
 from handoff.timers import Timers
@@ -37,9 +42,11 @@ Clock = Callable[[], float]
 
 
 class Source(Enum):
+    """What woke the loop; handled in this order (a worker that died is never ready)."""
+
     SIGNALS = auto()
-    NOTIFY = auto()
     WORKER = auto()
+    NOTIFY = auto()
     PROBE = auto()
     WARDEN = auto()
 
@@ -155,6 +162,8 @@ class MasterLoop:
                 self._feed(ev.StopRequested(fast=True, source=sig.name))
             case signal.SIGUSR1:
                 self._feed(ev.ForwardRequested(signal=sig))
+            case signal.SIGUSR2 | signal.SIGTTIN | signal.SIGTTOU:
+                emit("signal.ignored", "warning", signal=sig.name, reason="not supported yet")
             case signal.SIGCHLD:
                 tracked = {
                     *self._workers,
@@ -226,12 +235,14 @@ class MasterLoop:
         try:
             executable = _resolve(config.command[0], self._environ)
             argv = expand_placeholders(config.command, len(self._listeners))
+            listen_fds = not names_sockets_in_argv(config.command)
             env = worker_environment(
                 self._environ,
                 listener_names=[listener.name for listener in self._listeners],
                 notify_socket=self._notify.address,
                 generation=gen,
                 slot=slot,
+                listen_fds=listen_fds,
             )
             child = children.spawn(
                 children.SpawnRequest(
@@ -239,7 +250,7 @@ class MasterLoop:
                     argv=argv,
                     env=env,
                     listen_fds=[listener.fileno() for listener in self._listeners],
-                    set_listen_pid=True,
+                    set_listen_pid=listen_fds,
                 )
             )
         except SpawnError as exc:
@@ -294,7 +305,7 @@ class MasterLoop:
     def _run_probe(self, worker: Pid, gen: GenId, slot: int) -> None:
         if self._config.ready.mode is not ReadyMode.EXEC:
             return  # the /proc scanner of --ready auto plugs in here (next issue)
-        env = dict(self._environ)
+        env = clean_environment(self._environ)
         env.update(
             HANDOFF_WORKER_PID=str(worker), HANDOFF_GENERATION=str(gen), HANDOFF_WORKER=str(slot)
         )

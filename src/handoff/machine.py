@@ -46,6 +46,9 @@ class Policy:
     respawn_base_s: float = 0.1
     respawn_cap_s: float = 30.0
     crash_loop_after: int = 5
+    # A worker that was ready this long before dying starts a fresh backoff; one that
+    # dies sooner (even after becoming ready) counts as one more crash in a row.
+    stable_after_s: float = 10.0
     probe_base_s: float = 0.05
     probe_cap_s: float = 1.0
 
@@ -110,14 +113,7 @@ class Supervisor:
             case ev.WorkerSpawned(gen=gen_id, slot=slot, pid=pid):
                 self._on_spawned(self.generations[gen_id], slot, pid, now, out)
             case ev.SpawnFailed(gen=gen_id, slot=slot, reason=reason):
-                out.append(
-                    act.Report(
-                        event="worker.spawn_failed",
-                        level="error",
-                        fields={"gen": gen_id, "worker": slot, "reason": reason},
-                    )
-                )
-                self._on_worker_lost(self.generations[gen_id], slot, reason, now, out)
+                self._on_spawn_failed(self.generations[gen_id], slot, reason, now, out)
             case ev.ChildExited(pid=pid, status=status):
                 self._on_exited(pid, status, now, out)
             case ev.WorkerNotified():
@@ -145,7 +141,8 @@ class Supervisor:
         out.append(
             act.Report(event="generation.started", fields={"gen": gen.id, "workers": gen.size})
         )
-        out.extend(act.SpawnWorker(gen=gen.id, slot=slot) for slot in range(gen.size))
+        for slot in range(gen.size):
+            self._spawn(gen, slot, out)
 
     def _activate(self, gen: Generation, now: float, out: list[act.Action]) -> None:
         self._require_gen(gen, GenerationState.STARTING)
@@ -167,6 +164,7 @@ class Supervisor:
         if self.state is MasterState.STARTING:
             self.state = MasterState.RUNNING
             out.append(act.Report(event="master.ready", fields={"gen": gen.id}))
+            self._run_pending_reload(now, out)
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=True, reason="", now=now, out=out)
 
@@ -210,7 +208,7 @@ class Supervisor:
     def _check_gone(self, gen: Generation, out: list[act.Action]) -> None:
         if gen.state not in (GenerationState.DRAINING, GenerationState.FAILED):
             return
-        if gen.live_workers() or gen.respawn_pending:
+        if gen.workers or gen.respawn_pending or gen.spawning:
             return
         gen.state = GenerationState.GONE
         del self.generations[gen.id]
@@ -288,14 +286,13 @@ class Supervisor:
     def _begin_stop(
         self, *, fast: bool, now: float, out: list[act.Action], code: int, reason: str
     ) -> None:
-        was_reloading = self.state is MasterState.RELOADING
+        self._reload_pending = False  # before _finish_reload, which would start it
         starting = self.generation_in(GenerationState.STARTING)
-        if was_reloading and starting is not None:
+        if self.state is MasterState.RELOADING and starting is not None:
             self._finish_reload(
                 starting, ok=False, reason="cancelled: master stopping", now=now, out=out
             )
         self.state = MasterState.STOPPING
-        self._reload_pending = False
         self._fast_stop = fast
         self._exit = act.Exit(code=code, reason=reason)
         out.append(act.Report(event="master.stopping", fields={"fast": fast, "reason": reason}))
@@ -319,7 +316,8 @@ class Supervisor:
     ) -> None:
         worker = Worker(gen=gen.id, slot=slot, pid=pid, state=WorkerState.STARTING, started_at=now)
         self._workers[pid] = worker
-        gen.workers[slot] = worker
+        gen.workers[pid] = worker
+        gen.spawning.discard(slot)
         out.append(
             act.Report(event="worker.spawned", fields={"gen": gen.id, "worker": slot, "pid": pid})
         )
@@ -342,6 +340,15 @@ class Supervisor:
             case ReadyMode.NOTIFY:
                 pass
 
+    def _on_spawn_failed(
+        self, gen: Generation, slot: int, reason: str, now: float, out: list[act.Action]
+    ) -> None:
+        gen.spawning.discard(slot)
+        fields = {"gen": gen.id, "worker": slot, "reason": reason}
+        out.append(act.Report(event="worker.spawn_failed", level="error", fields=fields))
+        self._on_worker_lost(gen, slot, reason, now, out)
+        self._check_gone(gen, out)
+
     def _on_ready(self, worker: Worker, via: str, now: float, out: list[act.Action]) -> None:
         if worker.state is not WorkerState.STARTING:
             return  # a repeated READY=1, or readiness of a worker already told to stop
@@ -359,8 +366,6 @@ class Supervisor:
         out.append(act.Report(event="worker.ready", fields=fields))
         if gen.state is GenerationState.STARTING and gen.ready_count() == gen.size:
             self._activate(gen, now, out)
-        elif gen.state is GenerationState.ACTIVE:
-            gen.crashes[worker.slot] = 0
 
     def _on_exited(self, pid: Pid, status: ExitStatus, now: float, out: list[act.Action]) -> None:
         worker = self._workers.pop(pid, None)
@@ -371,32 +376,43 @@ class Supervisor:
         self._forget_readiness(worker, out)
         out.append(act.CancelTimer(key=TimerKey(TimerKind.DRAIN, pid)))
         gen = self.generations[worker.gen]
-        expected = was is WorkerState.STOPPING
+        del gen.workers[pid]
+        expected = was is WorkerState.STOPPING and not worker.respawn_on_exit
+        description = status.describe(killed_by_us=worker.killed)
         fields: dict[str, object] = {
             "gen": gen.id,
             "worker": worker.slot,
             "pid": pid,
-            "status": status.describe(),
+            "status": description,
             "expected": expected,
             "uptime_s": round(now - worker.started_at, 4),
             **status.as_fields(),
         }
         level = "info" if expected else "warning"
         out.append(act.Report(event="worker.exited", level=level, fields=fields))
-        if not expected:
+        if worker.respawn_on_exit:
+            self._on_worker_lost(gen, worker, worker.status, now, out)
+        elif not expected:
             ready = "after it was ready" if was is WorkerState.READY else "before it was ready"
-            reason = f"worker {worker.slot} (pid {pid}) {status.describe()} {ready}"
-            self._on_worker_lost(gen, worker.slot, reason, now, out)
+            reason = f"worker {worker.slot} (pid {pid}) {description} {ready}"
+            self._on_worker_lost(gen, worker, reason, now, out)
         self._check_gone(gen, out)
 
     def _on_worker_lost(
-        self, gen: Generation, slot: int, reason: str, now: float, out: list[act.Action]
+        self, gen: Generation, lost: Worker | int, reason: str, now: float, out: list[act.Action]
     ) -> None:
+        """A worker died or never started (lost is its slot then): fail or respawn."""
+        slot = lost if isinstance(lost, int) else lost.slot
         match gen.state:
             case GenerationState.STARTING:
                 self._fail(gen, reason, now, out)
             case GenerationState.ACTIVE:
-                crashes = gen.crashes.get(slot, 0) + 1
+                stable = (
+                    isinstance(lost, Worker)
+                    and lost.ready_at is not None
+                    and now - lost.ready_at >= self.policy.stable_after_s
+                )
+                crashes = 1 if stable else gen.crashes.get(slot, 0) + 1
                 gen.crashes[slot] = crashes
                 delay = backoff(crashes, self.policy.respawn_base_s, self.policy.respawn_cap_s)
                 gen.respawn_pending.add(slot)
@@ -419,6 +435,10 @@ class Supervisor:
                 )
             case GenerationState.DRAINING | GenerationState.FAILED | GenerationState.GONE:
                 pass
+
+    def _spawn(self, gen: Generation, slot: int, out: list[act.Action]) -> None:
+        gen.spawning.add(slot)
+        out.append(act.SpawnWorker(gen=gen.id, slot=slot))
 
     def _stop_worker(self, worker: Worker, out: list[act.Action]) -> None:
         if worker.stop_signalled or worker.state is WorkerState.EXITED:
@@ -500,7 +520,7 @@ class Supervisor:
                     return
                 gen.respawn_pending.discard(key.slot)
                 if gen.state is GenerationState.ACTIVE and self.state is not MasterState.STOPPING:
-                    out.append(act.SpawnWorker(gen=gen.id, slot=key.slot))
+                    self._spawn(gen, key.slot, out)
                 else:
                     self._check_gone(gen, out)
                 return
@@ -544,10 +564,11 @@ class Supervisor:
         if gen.state is GenerationState.STARTING:
             self._fail(gen, reason, now, out)
         else:
-            # A respawned worker of the active generation: stop it; its exit schedules a retry.
+            # A respawned worker of the active generation: stop it, and respawn its slot
+            # only once it has exited, so that a slot never has two workers.
+            worker.status = reason
+            worker.respawn_on_exit = True
             self._stop_worker(worker, out)
-            worker.state = WorkerState.STOPPING
-            self._on_worker_lost(gen, worker.slot, reason, now, out)
 
     # -- guards ------------------------------------------------------------------------
 

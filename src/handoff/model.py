@@ -57,13 +57,14 @@ class ExitStatus:
     def success(self) -> bool:
         return self.code == 0
 
-    def describe(self) -> str:
+    def describe(self, *, killed_by_us: bool = False) -> str:
         if self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name
             except ValueError:
                 name = f"signal {self.signal}"
-            hint = " (out of memory?)" if self.signal == signal.SIGKILL else ""
+            oom = self.signal == signal.SIGKILL and not killed_by_us
+            hint = " (out of memory?)" if oom else ""
             return f"killed by {name}{hint}"
         if self.code == 127:
             return "exited 127 (command not found?)"
@@ -92,6 +93,7 @@ class Worker:
     ready_at: float | None = None
     stop_signalled: bool = False
     killed: bool = False
+    respawn_on_exit: bool = False
     status: str = ""
 
 
@@ -104,13 +106,14 @@ class Generation:
     size: int
     started_at: float
     active_at: float | None = None
-    workers: dict[int, Worker] = field(default_factory=dict)
+    workers: dict[Pid, Worker] = field(default_factory=dict)  # every worker not yet reaped
+    spawning: set[int] = field(default_factory=set)  # slots asked to spawn, no answer yet
     crashes: dict[int, int] = field(default_factory=dict)
     respawn_pending: set[int] = field(default_factory=set)
     failure: str | None = None
 
     def live_workers(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.state is not WorkerState.EXITED]
+        return list(self.workers.values())
 
     def ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.state is WorkerState.READY)

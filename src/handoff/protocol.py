@@ -20,6 +20,16 @@ STRIPPED_VARIABLES: Final = frozenset(
 _PLACEHOLDER = re.compile(r"\{fd(\d*)\}")
 
 
+def clean_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The master's environment without what belongs to its own supervisor."""
+    return {key: value for key, value in base.items() if key not in STRIPPED_VARIABLES}
+
+
+def names_sockets_in_argv(argv: Sequence[str]) -> bool:
+    """True when the command is told its sockets through {fd} placeholders."""
+    return any(_PLACEHOLDER.search(arg) for arg in argv)
+
+
 def worker_environment(
     base: Mapping[str, str],
     *,
@@ -27,11 +37,18 @@ def worker_environment(
     notify_socket: str,
     generation: int,
     slot: int,
+    listen_fds: bool = True,
 ) -> dict[str, str]:
-    """Build a worker's environment, without LISTEN_PID (only the child knows its pid)."""
-    env = {key: value for key, value in base.items() if key not in STRIPPED_VARIABLES}
-    env["LISTEN_FDS"] = str(len(listener_names))
-    env["LISTEN_FDNAMES"] = ":".join(listener_names)
+    """Build a worker's environment, without LISTEN_PID (only the child knows its pid).
+
+    With listen_fds False (the command names its sockets with {fd} placeholders) the
+    LISTEN_* variables are left out: a server that reads both, like gunicorn given
+    --bind fd://3, would adopt the same socket twice.
+    """
+    env = clean_environment(base)
+    if listen_fds:
+        env["LISTEN_FDS"] = str(len(listener_names))
+        env["LISTEN_FDNAMES"] = ":".join(listener_names)
     env["NOTIFY_SOCKET"] = notify_socket
     env["HANDOFF_GENERATION"] = str(generation)
     env["HANDOFF_WORKER"] = str(slot)
@@ -46,7 +63,8 @@ def expand_placeholders(argv: Sequence[str], listener_count: int) -> list[str]:
         if index >= listener_count:
             raise ConfigError(
                 f"'{match.group(0)}' names socket {index}, "
-                f"but there are only {listener_count} --bind addresses"
+                f"but there are only {listener_count} --bind addresses",
+                hint="{fd} or {fd0} is the first --bind, {fd1} the second, ...",
             )
         return str(FIRST_LISTEN_FD + index)
 
@@ -65,4 +83,4 @@ def parse_notify(payload: bytes) -> dict[str, str]:
 
 def fd_name(address: str) -> str:
     """A LISTEN_FDNAMES-safe name for a listener (no ':', at most 255 characters)."""
-    return re.sub(r"[^A-Za-z0-9_.@/-]", "_", address)[:255] or "socket"
+    return re.sub(r"[^A-Za-z0-9_.@/\[\]-]", "_", address)[:255] or "socket"

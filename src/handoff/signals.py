@@ -24,16 +24,13 @@ HANDLED: Final = (
     signal.SIGQUIT,
     signal.SIGUSR1,
     signal.SIGCHLD,
-)
-# Python ignores these at start-up and SIG_IGN survives exec: a worker must get them back.
-RESET_IN_CHILD: Final = (
-    *HANDLED,
-    signal.SIGPIPE,
-    signal.SIGXFSZ,
+    # Reserved (re-exec, scale): caught so they can neither kill nor suspend the master.
     signal.SIGUSR2,
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
+# Python ignores these at start-up and SIG_IGN survives exec: a worker must get them back.
+RESET_IN_CHILD: Final = (*HANDLED, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,56 @@
+"""A worker that misbehaves on purpose: python misbehave.py MODE [PIDFILE].
+
+exit-at-start   prints a reason and exits 3 before serving
+hang-at-start   never becomes ready (and never sends READY=1)
+stubborn        sends READY=1, ignores SIGTERM, and starts two children that ignore it
+                too: one in its process group, one that left it with setsid; writes the
+                three pids to PIDFILE
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+
+
+def notify(message: bytes) -> None:
+    address = os.environ["NOTIFY_SOCKET"]
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message, address)
+
+
+def stubborn_child(leave_group: bool) -> int:
+    pid = os.fork()
+    if pid == 0:
+        if leave_group:
+            os.setsid()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        threading.Event().wait()
+        os._exit(0)
+    return pid
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    if mode == "exit-at-start":
+        print("misbehave: cannot load settings (on purpose)", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if mode == "hang-at-start":
+        threading.Event().wait()
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        pids = [os.getpid(), stubborn_child(False), stubborn_child(True)]
+        with open(sys.argv[2], "w") as f:
+            f.write(" ".join(map(str, pids)))
+        notify(b"READY=1")
+        threading.Event().wait()
+    sys.exit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""A WSGI and ASGI app that reports the version it read at start-up and its generation.
+
+VERSION_FILE (env) is read once at import: a reload proves that the new generation runs
+the code and configuration as they are on disk now.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+with open(os.environ["VERSION_FILE"]) as _f:
+    VERSION = _f.read().strip()
+GENERATION = os.environ.get("HANDOFF_GENERATION", "?")
+
+
+def _body() -> bytes:
+    return (
+        f'{{"version": "{VERSION}", "generation": "{GENERATION}", "pid": {os.getpid()}}}'.encode()
+    )
+
+
+def _headers(body: bytes) -> list[tuple[str, str]]:
+    return [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("X-Handoff-Generation", GENERATION),
+        ("X-Handoff-Version", VERSION),
+    ]
+
+
+def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    body = _body()
+    start_response("200 OK", _headers(body))
+    return [body]
+
+
+async def asgi(
+    scope: dict[str, Any],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = _body()
+    headers = [(k.lower().encode(), v.encode()) for k, v in _headers(body)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

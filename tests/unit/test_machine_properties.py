@@ -1,0 +1,294 @@
+"""Invariants of the supervisor machine under random event sequences (Hypothesis).
+
+Random reloads, stops, readiness, exits, probe results, spawn failures and clock steps go
+through the same ``FakeLoop`` as test_machine.py; after every step the design's invariants
+(design.md §6) must hold, and at the end a graceful stop must always reach ``Exit`` with
+no worker left.
+
+``SupervisorRules.workarounds`` once steered around machine bugs (now fixed, with tests in
+test_machine.py); it stays off.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from handoff import actions as act
+from handoff import events as ev
+from handoff.config import ReadyMode, ReadySpec
+from handoff.errors import EXIT_NEVER_READY, EXIT_OK
+from handoff.machine import Policy
+from handoff.model import GenerationState, MasterState, Pid, WorkerState
+from handoff.timers import TimerKey, TimerKind
+from tests.unit.test_machine import FakeLoop
+
+SETTINGS = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+READY_SPECS = {
+    "notify": ReadySpec(mode=ReadyMode.NOTIFY),
+    "delay": ReadySpec(mode=ReadyMode.DELAY, delay_s=1.0),
+    "exec": ReadySpec(mode=ReadyMode.EXEC, command="true"),
+}
+STEPS = [0.05, 0.1, 0.3, 1.0, 2.0, 5.0, 12.0]
+STOP = signal.SIGTERM
+
+
+class ObedientLoop(FakeLoop):
+    """A FakeLoop in which a worker stopped while its generation is ACTIVE (a respawn that
+    missed its ready timeout) has exited by the time its replacement is due (workaround 3).
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__(policy)
+        self._told: list[Pid] = []
+
+    def _execute(self, action: act.Action) -> None:
+        super()._execute(action)
+        if isinstance(action, act.SendSignal) and action.signal is self.policy.stop_signal:
+            worker = self.machine.worker(action.pid)
+            gen = self.machine.generations.get(worker.gen) if worker else None
+            if gen is not None and gen.state is GenerationState.ACTIVE:
+                self._told.append(action.pid)
+
+    def before_timers(self, due: list[TimerKey]) -> None:
+        respawning = {(k.ident, k.slot) for k in due if k.kind is TimerKind.RESPAWN}
+        for pid in list(self._told):
+            if self.spawned[pid] in respawning:
+                self._told.remove(pid)
+                if pid in self.alive:
+                    self.exit(pid)
+
+
+class SupervisorRules(RuleBasedStateMachine):
+    """Random drive of the machine; invariants checked after every step."""
+
+    # The workarounds for the bugs demonstrated in test_machine.py (strict xfails there):
+    # 1. a spawn failure is only injected into the last slot (an early slot's failure
+    #    leaves later SpawnWorker actions for a GONE generation: KeyError);
+    # 2. no stop while a reload runs with another queued (InvalidTransition);
+    # 3. a respawned worker that misses its ready timeout has exited by the time its
+    #    replacement is due (else the replacement hides it: Exit while it is alive, then
+    #    KeyError); see ObedientLoop.
+    workarounds = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: FakeLoop = FakeLoop(_policy(1, "notify"))
+        self.first_stopping = -1  # index in loop.log of the first master.stopping report
+
+    @initialize(workers=st.integers(1, 3), mode=st.sampled_from(sorted(READY_SPECS)))
+    def boot(self, workers: int, mode: str) -> None:
+        policy = _policy(workers, mode)
+        self.loop = ObedientLoop(policy) if self.workarounds else FakeLoop(policy)
+        self.loop.start()
+
+    # -- rules ------------------------------------------------------------------------
+
+    def running(self) -> bool:
+        return not self.loop.exits
+
+    @precondition(lambda self: not self.running())
+    @rule()
+    def exited(self) -> None:
+        """After Exit the master is gone: nothing more happens (Hypothesis needs a rule)."""
+
+    @precondition(running)
+    @rule()
+    def reload(self) -> None:
+        self.loop.reload()
+
+    @precondition(running)
+    @rule(source=st.sampled_from(["SIGTERM", "SIGINT", "SIGQUIT"]), dice=st.integers(0, 3))
+    def stop(self, source: str, dice: int) -> None:
+        if dice != 0:
+            return  # a stop ends the interesting part of a run: make it rarer than the rest
+        if self.workarounds and self._reload_queued_while_reloading():
+            return
+        self.loop.stop(fast=source == "SIGQUIT", source=source)
+
+    @precondition(running)
+    @rule()
+    def forward(self) -> None:
+        self.loop.feed(ev.ForwardRequested(signal=signal.SIGUSR1))
+
+    @precondition(lambda self: self.running() and self.loop.alive)
+    @rule(index=st.integers(0, 20), sender_is_child=st.booleans())
+    def ready(self, index: int, sender_is_child: bool) -> None:
+        pid = self._pick(index)
+        self.loop.ready(pid, sender=Pid(pid + 10_000) if sender_is_child else pid)
+
+    @precondition(running)
+    @rule()
+    def starting_generation_ready(self) -> None:
+        starting = self.loop.machine.generation_in(GenerationState.STARTING)
+        if starting is not None:
+            for worker in starting.live_workers():
+                self.loop.ready(worker.pid)
+
+    @precondition(running)
+    @rule(index=st.integers(0, 20))
+    def serving_worker_crashes(self, index: int) -> None:
+        active = self.loop.machine.generation_in(GenerationState.ACTIVE)
+        if active is not None and (live := active.live_workers()):
+            self.loop.exit(live[index % len(live)].pid, code=1)
+
+    @precondition(running)
+    @rule()
+    def ready_from_a_stranger(self) -> None:
+        assert self.loop.feed(ev.WorkerNotified(pid=Pid(1), sender=Pid(1), ready=True)) == []
+
+    @precondition(lambda self: self.running() and self.loop.alive)
+    @rule(index=st.integers(0, 20), ok=st.booleans())
+    def probe_finished(self, index: int, ok: bool) -> None:
+        self.loop.feed(ev.ProbeFinished(pid=self._pick(index), ok=ok, detail="exited 1"))
+
+    @precondition(lambda self: self.running() and self.loop.alive)
+    @rule(
+        index=st.integers(0, 20),
+        how=st.sampled_from([(0, None), (1, None), (127, None), (None, 9), (None, 15)]),
+    )
+    def exit(self, index: int, how: tuple[int | None, int | None]) -> None:
+        code, sig = how
+        self.loop.exit(self._pick(index), code=code, sig=sig)
+
+    @precondition(running)
+    @rule(seconds=st.sampled_from(STEPS))
+    def advance(self, seconds: float) -> None:
+        self.loop.advance(seconds)
+
+    @precondition(running)
+    @rule(slot=st.integers(0, 2))
+    def fail_next_spawn(self, slot: int) -> None:
+        last = self.loop.policy.workers - 1
+        self.loop.fail_spawn(None, last if self.workarounds else min(slot, last))
+
+    # -- invariants -------------------------------------------------------------------
+
+    @invariant()
+    def generations_by_state(self) -> None:
+        counts = Counter(g.state for g in self.loop.machine.generations.values())
+        assert counts[GenerationState.STARTING] <= 1
+        assert counts[GenerationState.ACTIVE] <= 1
+        assert GenerationState.GONE not in counts, "a GONE generation is dropped"
+        expected = {
+            MasterState.STARTING: (1, 0),
+            MasterState.RUNNING: (0, 1),
+            MasterState.RELOADING: (1, 1),
+            MasterState.STOPPING: (0, 0),
+        }[self.loop.machine.state]
+        actual = (counts[GenerationState.STARTING], counts[GenerationState.ACTIVE])
+        assert actual == expected, f"{self.loop.machine.state}: (starting, active) {actual}"
+
+    @invariant()
+    def stop_signal_at_most_once_per_worker(self) -> None:
+        per_pid = Counter(s.pid for s in self.loop.stop_signals())
+        assert all(n == 1 for n in per_pid.values()), per_pid
+        kills = Counter(a.pid for a in self.loop.log if isinstance(a, act.KillTree))
+        assert all(n == 1 for n in kills.values()), kills
+
+    @invariant()
+    def pids_are_spawned_tracked_and_reaped_once(self) -> None:
+        loop = self.loop
+        assert len(loop.exited) == len(set(loop.exited))
+        assert set(loop.exited) <= set(loop.spawned)
+        assert set(loop.machine.live_pids()) == loop.alive
+        assert not loop.dead_targets, f"signal or kill aimed at a reaped pid: {loop.dead_targets}"
+        for pid in loop.alive:
+            worker = loop.machine.worker(pid)
+            assert worker is not None
+            assert worker.state is not WorkerState.EXITED
+            assert worker.gen in loop.machine.generations, "a live worker's generation exists"
+
+    @invariant()
+    def exit_once_and_only_with_no_worker_left(self) -> None:
+        assert len(self.loop.exits) <= 1
+        if self.loop.exits:
+            assert self.loop.alive_at_exit == set()
+            assert self.loop.exits[0].code in (EXIT_OK, EXIT_NEVER_READY)
+            assert self.loop.machine.state is MasterState.STOPPING
+
+    @invariant()
+    def nothing_spawns_once_stopping(self) -> None:
+        log = self.loop.log
+        if self.first_stopping < 0:
+            self.first_stopping = next(
+                (
+                    i
+                    for i, a in enumerate(log)
+                    if isinstance(a, act.Report) and a.event == "master.stopping"
+                ),
+                -1,
+            )
+        if self.first_stopping >= 0:
+            assert not any(isinstance(a, act.SpawnWorker) for a in log[self.first_stopping :])
+
+    # -- liveness: a graceful stop always ends ----------------------------------------
+
+    def teardown(self) -> None:
+        loop = self.loop
+        if not loop.exits:
+            if self.workarounds:
+                self._finish_reloads()
+            loop.stop()
+        for _ in range(10):
+            if loop.exits:
+                break
+            loop.exit_all(sorted(loop.alive))
+            loop.advance(100)
+        assert loop.exits, "a graceful stop must end in Exit"
+        assert not loop.alive
+        assert not loop.machine.generations
+        self.exit_once_and_only_with_no_worker_left()
+        self.stop_signal_at_most_once_per_worker()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _pick(self, index: int) -> Pid:
+        alive = sorted(self.loop.alive)
+        return alive[index % len(alive)]
+
+    def _reload_queued_while_reloading(self) -> bool:
+        machine = self.loop.machine
+        return machine.state is MasterState.RELOADING and machine._reload_pending
+
+    def _finish_reloads(self) -> None:
+        """Let queued reloads run out, so the final stop avoids workaround 2's bug."""
+        for _ in range(5):
+            if not self._reload_queued_while_reloading():
+                return
+            starting = self.loop.machine.generation_in(GenerationState.STARTING)
+            assert starting is not None
+            for worker in starting.live_workers():
+                self.loop.ready(worker.pid)
+
+
+def _policy(workers: int, mode: str) -> Policy:
+    return Policy(
+        workers=workers,
+        ready=READY_SPECS[mode],
+        ready_timeout_s=5.0,
+        drain_timeout_s=3.0,
+        stop_signal=STOP,
+    )
+
+
+def test_invariants() -> None:
+    run_state_machine_as_test(SupervisorRules, settings=SETTINGS)
