@@ -2,9 +2,11 @@
 
 exit-at-start   prints a reason and exits 3 before serving
 hang-at-start   never becomes ready (and never sends READY=1)
-stubborn        sends READY=1, ignores SIGTERM, and starts two children that ignore it
+stubborn DIR    sends READY=1, ignores SIGTERM, and starts two children that ignore it
                 too: one in its process group, one that left it with setsid; writes the
-                three pids to PIDFILE
+                three pids to DIR/pids-GENERATION-WORKER
+select FILE     reads FILE: "exit" or "hang" behave as above, anything else execs the
+                demo app with --version-file FILE.version (same pid: LISTEN_PID holds)
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def stubborn_child(leave_group: bool) -> int:
 
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "select":
+        with open(sys.argv[2]) as f:
+            mode = f.read().strip()
+        if mode not in ("exit-at-start", "hang-at-start"):
+            demo = ["-m", "handoff.demoapp", "--version-file", sys.argv[2] + ".version"]
+            os.execv(sys.executable, [sys.executable, *demo])
+        return main_mode(mode)
+    return main_mode(mode)
+
+
+def main_mode(mode: str) -> None:
     if mode == "exit-at-start":
         print("misbehave: cannot load settings (on purpose)", file=sys.stderr, flush=True)
         sys.exit(3)
@@ -45,7 +58,8 @@ def main() -> None:
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         pids = [os.getpid(), stubborn_child(False), stubborn_child(True)]
-        with open(sys.argv[2], "w") as f:
+        name = f"pids-{os.environ['HANDOFF_GENERATION']}-{os.environ['HANDOFF_WORKER']}"
+        with open(os.path.join(sys.argv[2], name), "w") as f:
             f.write(" ".join(map(str, pids)))
         notify(b"READY=1")
         threading.Event().wait()
