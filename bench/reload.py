@@ -37,8 +37,8 @@ from handoff.drill import (
     clean_environment,
     run_drill,
     spawn_with_listener,
-    substitute_fds,
 )
+from handoff.errors import HandoffError
 from handoff.loadgen import LoadConfig, LoadGenerator, LoadStats
 
 KILL_WAIT_S = 10.0
@@ -104,9 +104,7 @@ async def run_bare_load(
         env = clean_environment(None)
         for worker in range(workers):
             worker_env = {**env, "HANDOFF_WORKER": str(worker)}
-            process = await spawn_with_listener(
-                substitute_fds(command), listener, worker_env, quiet=quiet
-            )
+            process = await spawn_with_listener(command, listener, worker_env, quiet=quiet)
             processes.append(process)
         await wait_until_serving(port, startup_timeout_s)
         generator = LoadGenerator(
@@ -210,6 +208,9 @@ async def bench(args: argparse.Namespace, command: tuple[str, ...]) -> int:
         for line in exc.output_tail[-20:]:
             print(f"  | {line}", file=sys.stderr)
         return 1
+    except HandoffError as exc:  # a bad {fdN} placeholder for the bare run
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
     ok = all(result.ok() for result, _ in rounds)
     print()
     print("\n".join(table(rounds)))

@@ -167,7 +167,8 @@ def parse_ready(text: str) -> ReadySpec:
             return ReadySpec(mode=ReadyMode.EXEC, command=argument)
         case "exec":
             raise ConfigError(
-                f"'{text}': exec: needs a command, e.g. exec:'curl -fs localhost:8000/health'"
+                f"'{text}': exec: needs a command, "
+                "e.g. exec:'test -e /run/app/$HANDOFF_WORKER_PID.ready'"
             )
         case "auto":
             # The /proc scanner that makes 'auto' work lands with the next issue; until then

@@ -21,15 +21,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from handoff import protocol
 from handoff.loadgen import LoadConfig, LoadGenerator, LoadStats
 
 _TAIL_LINES: Final = 50
 _LINE_LIMIT: Final = 1024 * 1024
 _OUTPUT_DRAIN_S: Final = 1.0
 _KILL_WAIT_S: Final = 10.0
-# Variables that belong to whoever started us; a master that inherits them would adopt
-# systemd's sockets or tell systemd it is ready.
-_OUTER_VARIABLES: Final = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 
 Event = dict[str, object]
 
@@ -122,8 +120,12 @@ class DrillResult:
 
 
 def clean_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
-    """Return our environment without the outer service manager's variables, plus extra."""
-    env = {k: v for k, v in os.environ.items() if k not in _OUTER_VARIABLES}
+    """Return our environment without the outer service manager's variables, plus extra.
+
+    A master (or bare server) that inherited LISTEN_* or NOTIFY_SOCKET would adopt
+    systemd's sockets or tell systemd it is ready.
+    """
+    env = protocol.clean_environment(os.environ)
     env.update(extra or {})
     return env
 
@@ -232,22 +234,10 @@ class _MasterOutput:
 
 
 def _master_argv(config: DrillConfig) -> list[str]:
+    fixed = ("--log-format", "json", "--bind", "127.0.0.1:0", "--workers", str(config.workers))
     return [
-        sys.executable,
-        "-m",
-        "handoff",
-        "run",
-        "--log-format",
-        "json",
-        "--bind",
-        "127.0.0.1:0",
-        "--workers",
-        str(config.workers),
-        "--ready",
-        config.ready,
-        *config.extra_args,
-        "--",
-        *config.command,
+        *(sys.executable, "-m", "handoff", "run", *fixed, "--ready", config.ready),
+        *(*config.extra_args, "--", *config.command),
     ]
 
 
@@ -260,16 +250,7 @@ async def _reload(
     try:
         event = await output.next_event(outcomes, hup_at + timeout_s, "reload outcome")
     except TimeoutError:
-        return ReloadRecord(
-            number=number,
-            gen=None,
-            ok=False,
-            duration_s=None,
-            observed_s=time.monotonic() - hup_at,
-            served_after_s=None,
-            reason=f"no reload.succeeded or reload.failed within {timeout_s:g} s",
-            hup_at=hup_at,
-        )
+        event = {"event": "-", "reason": f"no {' or '.join(sorted(outcomes))} in {timeout_s:g} s"}
     gen = _number(event, "gen")
     reason = event.get("reason")
     return ReloadRecord(
@@ -401,25 +382,21 @@ async def run_drill(
         await _kill_everything(process, output)
 
 
-# Bare runs: the same command without handoff, for comparison. The socket is bound here
-# and handed over exactly as handoff would (fd 3, LISTEN_FDS, LISTEN_PID). LISTEN_PID
-# must be the server's own pid, which only the child knows: a tiny Python trampoline
-# moves the socket to fd 3, sets LISTEN_PID to its pid, and execs the command, which
-# keeps that pid.
+# Bare runs: the same command without handoff, for comparison. The socket is bound by
+# the caller and handed over exactly as handoff would: at fd 3, and either named in the
+# arguments ({fd}) or described by LISTEN_FDS with LISTEN_PID. LISTEN_PID must be the
+# server's own pid, which only the child knows: a tiny Python trampoline moves the socket
+# to fd 3, sets LISTEN_PID to its pid, and execs the command, which keeps that pid.
 _TRAMPOLINE: Final = """\
 import os, sys
 fd = int(sys.argv[1])
 if fd != 3:
     os.dup2(fd, 3)
     os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
+if "LISTEN_FDS" in os.environ:
+    os.environ["LISTEN_PID"] = str(os.getpid())
 os.execvp(sys.argv[2], sys.argv[2:])
 """
-
-
-def substitute_fds(command: tuple[str, ...]) -> tuple[str, ...]:
-    """Replace handoff's {fd} and {fd0} placeholders with 3, the first socket's fd."""
-    return tuple(arg.replace("{fd}", "3").replace("{fd0}", "3") for arg in command)
 
 
 async def spawn_with_listener(
@@ -429,23 +406,28 @@ async def spawn_with_listener(
     *,
     quiet: bool = False,
 ) -> asyncio.subprocess.Process:
-    """Start command in a new session with listener at fd 3, as LISTEN_FDS=1 describes.
+    """Start command in a new session with listener at fd 3, the way handoff does.
 
-    quiet sends its stdout and stderr to /dev/null instead of ours.
+    {fd} placeholders in command become 3; without any, LISTEN_FDS=1 and LISTEN_PID
+    describe the socket instead (both at once would make gunicorn adopt it twice).
+    quiet sends the command's stdout and stderr to /dev/null instead of ours.
     """
     fd = listener.fileno()
     output = asyncio.subprocess.DEVNULL if quiet else None
+    child_env = {k: v for k, v in env.items() if k not in ("LISTEN_FDS", "LISTEN_PID")}
+    if not protocol.names_sockets_in_argv(command):
+        child_env |= {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",  # the trampoline needs nothing from the user's site or PYTHON* variables
         "-c",
         _TRAMPOLINE,
         str(fd),
-        *command,
+        *protocol.expand_placeholders(command, 1),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=output,
         stderr=output,
         pass_fds=(fd,),
-        env={**env, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"},
+        env=child_env,
         start_new_session=True,
     )

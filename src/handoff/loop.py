@@ -24,9 +24,10 @@ from handoff import events as ev
 from handoff.config import ReadyMode, RunConfig
 from handoff.errors import EXIT_FAILURE, SpawnError
 from handoff.logs import emit
-from handoff.machine import Policy, Supervisor
+from handoff.machine import Supervisor
 from handoff.model import GenerationState, GenId, Pid
 from handoff.notify import NotifyServer
+from handoff.policy import Policy
 from handoff.protocol import (
     clean_environment,
     expand_placeholders,

@@ -2,7 +2,9 @@
 
 Layer 0 (pure): no syscalls, no clock, no logging. It is the only module that changes the
 records in ``model.py``. Every transition is guarded (an impossible one raises
-``InvalidTransition``, which is a bug) and reported with exactly one ``Report``.
+``InvalidTransition``, which is a bug) and reported with exactly one ``Report``. Which
+timers and probes prove a worker ready is ``readiness.py``'s to decide; the settings and
+their backoff arithmetic are ``policy.py``'s.
 
 Generation: STARTING -> ACTIVE | FAILED;  ACTIVE -> DRAINING -> GONE;  FAILED -> GONE.
 Master:     STARTING -> RUNNING <-> RELOADING -> STOPPING -> exit.
@@ -12,12 +14,8 @@ worker at most once; a worker is forgotten exactly once, when its exit is report
 
 from __future__ import annotations
 
-import signal
-from dataclasses import dataclass
-
 from handoff import actions as act
 from handoff import events as ev
-from handoff.config import ReadyMode, ReadySpec
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
 from handoff.model import (
     ExitStatus,
@@ -29,6 +27,8 @@ from handoff.model import (
     Worker,
     WorkerState,
 )
+from handoff.policy import Policy, ReloadOutcome, backoff
+from handoff.readiness import Readiness
 from handoff.timers import TimerKey, TimerKind
 
 
@@ -36,34 +36,14 @@ class InvalidTransition(AssertionError):
     """A state change the design forbids: always a bug in handoff."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Policy:
-    workers: int
-    ready: ReadySpec
-    ready_timeout_s: float
-    drain_timeout_s: float
-    stop_signal: signal.Signals
-    respawn_base_s: float = 0.1
-    respawn_cap_s: float = 30.0
-    crash_loop_after: int = 5
-    # A worker that was ready this long before dying starts a fresh backoff; one that
-    # dies sooner (even after becoming ready) counts as one more crash in a row.
-    stable_after_s: float = 10.0
-    probe_base_s: float = 0.05
-    probe_cap_s: float = 1.0
+def _report(event: str, level: str = "info", /, **fields: object) -> act.Report:
+    """A ``Report``, written like the ``logs.emit`` call the loop turns it into."""
+    return act.Report(event=event, level=level, fields=fields)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReloadOutcome:
-    gen: GenId
-    ok: bool
-    reason: str
-    duration_s: float
-
-
-def backoff(attempt: int, base_s: float, cap_s: float) -> float:
-    """Capped exponential backoff: base, 2*base, 4*base, ... never above cap."""
-    return min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
+def _worker_fields(worker: Worker) -> dict[str, object]:
+    """The fields that name a worker in every ``worker.*`` report about it."""
+    return {"gen": worker.gen, "worker": worker.slot, "pid": worker.pid}
 
 
 class Supervisor:
@@ -78,7 +58,7 @@ class Supervisor:
         self._next_gen = 1
         self._reload_pending = False
         self._reload_started_at = 0.0
-        self._probe_attempts: dict[Pid, int] = {}
+        self._readiness = Readiness(policy)
         self._fast_stop = False
         self._exit: act.Exit | None = None
         self._exited = False
@@ -109,7 +89,7 @@ class Supervisor:
             case ev.ForwardRequested(signal=sig):
                 for pid in self._workers:
                     out.append(act.SendSignal(pid=pid, signal=sig))
-                out.append(act.Report(event="signal.forwarded", fields={"signal": sig.name}))
+                out.append(_report("signal.forwarded", signal=sig.name))
             case ev.WorkerSpawned(gen=gen_id, slot=slot, pid=pid):
                 self._on_spawned(self.generations[gen_id], slot, pid, now, out)
             case ev.SpawnFailed(gen=gen_id, slot=slot, reason=reason):
@@ -138,9 +118,7 @@ class Supervisor:
         )
         self._next_gen += 1
         self.generations[gen.id] = gen
-        out.append(
-            act.Report(event="generation.started", fields={"gen": gen.id, "workers": gen.size})
-        )
+        out.append(_report("generation.started", gen=gen.id, workers=gen.size))
         for slot in range(gen.size):
             self._spawn(gen, slot, out)
 
@@ -149,21 +127,13 @@ class Supervisor:
         previous = self.generation_in(GenerationState.ACTIVE)
         gen.state = GenerationState.ACTIVE
         gen.active_at = now
-        out.append(
-            act.Report(
-                event="generation.active",
-                fields={
-                    "gen": gen.id,
-                    "workers": gen.size,
-                    "duration_s": round(now - gen.started_at, 4),
-                },
-            )
-        )
+        duration = round(now - gen.started_at, 4)
+        out.append(_report("generation.active", gen=gen.id, workers=gen.size, duration_s=duration))
         if previous is not None:
             self._drain(previous, "replaced", now, out)
         if self.state is MasterState.STARTING:
             self.state = MasterState.RUNNING
-            out.append(act.Report(event="master.ready", fields={"gen": gen.id}))
+            out.append(_report("master.ready", gen=gen.id))
             self._run_pending_reload(now, out)
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=True, reason="", now=now, out=out)
@@ -172,17 +142,11 @@ class Supervisor:
         self._require_gen(gen, GenerationState.STARTING)
         gen.state = GenerationState.FAILED
         gen.failure = reason
-        out.append(
-            act.Report(
-                event="generation.failed", level="error", fields={"gen": gen.id, "reason": reason}
-            )
-        )
+        out.append(_report("generation.failed", "error", gen=gen.id, reason=reason))
         for worker in gen.live_workers():
             self._stop_worker(worker, out)
         if self.state is MasterState.STARTING:
-            out.append(
-                act.Report(event="master.never_ready", level="error", fields={"reason": reason})
-            )
+            out.append(_report("master.never_ready", "error", reason=reason))
             self._begin_stop(fast=False, now=now, out=out, code=EXIT_NEVER_READY, reason=reason)
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=False, reason=reason, now=now, out=out)
@@ -195,12 +159,8 @@ class Supervisor:
         for slot in gen.respawn_pending:
             out.append(act.CancelTimer(key=TimerKey(TimerKind.RESPAWN, gen.id, slot)))
         gen.respawn_pending.clear()
-        out.append(
-            act.Report(
-                event="generation.draining",
-                fields={"gen": gen.id, "reason": why, "signal": self._stop_signal_name()},
-            )
-        )
+        signal_name = self._stop_signal_name()
+        out.append(_report("generation.draining", gen=gen.id, reason=why, signal=signal_name))
         for worker in gen.live_workers():
             self._stop_worker(worker, out)
         self._check_gone(gen, out)
@@ -212,7 +172,7 @@ class Supervisor:
             return
         gen.state = GenerationState.GONE
         del self.generations[gen.id]
-        out.append(act.Report(event="generation.gone", fields={"gen": gen.id}))
+        out.append(_report("generation.gone", gen=gen.id))
 
     # -- reloads and stops -------------------------------------------------------------
 
@@ -221,29 +181,15 @@ class Supervisor:
             case MasterState.RUNNING:
                 self.state = MasterState.RELOADING
                 self._reload_started_at = now
-                out.append(
-                    act.Report(
-                        event="reload.requested", fields={"source": source, "gen": self._next_gen}
-                    )
-                )
+                out.append(_report("reload.requested", source=source, gen=self._next_gen))
                 self._start_generation(now, out)
             case MasterState.STARTING | MasterState.RELOADING:
                 # Requests during a start coalesce: one pending reload, run when it ends.
                 already = self._reload_pending
                 self._reload_pending = True
-                out.append(
-                    act.Report(
-                        event="reload.queued", fields={"source": source, "coalesced": already}
-                    )
-                )
+                out.append(_report("reload.queued", source=source, coalesced=already))
             case MasterState.STOPPING:
-                out.append(
-                    act.Report(
-                        event="reload.refused",
-                        level="warning",
-                        fields={"source": source, "reason": "stopping"},
-                    )
-                )
+                out.append(_report("reload.refused", "warning", source=source, reason="stopping"))
 
     def _finish_reload(
         self, gen: Generation, *, ok: bool, reason: str, now: float, out: list[act.Action]
@@ -253,12 +199,11 @@ class Supervisor:
         duration = round(now - self._reload_started_at, 4)
         self.last_reload = ReloadOutcome(gen=gen.id, ok=ok, reason=reason, duration_s=duration)
         if ok:
-            out.append(
-                act.Report(event="reload.succeeded", fields={"gen": gen.id, "duration_s": duration})
-            )
+            out.append(_report("reload.succeeded", gen=gen.id, duration_s=duration))
         else:
-            fields: dict[str, object] = {"gen": gen.id, "reason": reason, "duration_s": duration}
-            out.append(act.Report(event="reload.failed", level="error", fields=fields))
+            out.append(
+                _report("reload.failed", "error", gen=gen.id, reason=reason, duration_s=duration)
+            )
         self._run_pending_reload(now, out)
 
     def _run_pending_reload(self, now: float, out: list[act.Action]) -> None:
@@ -273,9 +218,7 @@ class Supervisor:
             # A second Ctrl-C (or QUIT) means: stop waiting for the drain.
             if (fast or source == "SIGINT") and not self._fast_stop:
                 self._fast_stop = True
-                out.append(
-                    act.Report(event="master.stopping", fields={"fast": True, "source": source})
-                )
+                out.append(_report("master.stopping", fast=True, source=source))
                 for worker in self._workers.values():
                     self._kill_worker(worker, "fast stop", out)
             return
@@ -295,7 +238,7 @@ class Supervisor:
         self.state = MasterState.STOPPING
         self._fast_stop = fast
         self._exit = act.Exit(code=code, reason=reason)
-        out.append(act.Report(event="master.stopping", fields={"fast": fast, "reason": reason}))
+        out.append(_report("master.stopping", fast=fast, reason=reason))
         for gen in list(self.generations.values()):
             if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
                 self._drain(gen, "stopping", now, out)
@@ -318,34 +261,18 @@ class Supervisor:
         self._workers[pid] = worker
         gen.workers[pid] = worker
         gen.spawning.discard(slot)
-        out.append(
-            act.Report(event="worker.spawned", fields={"gen": gen.id, "worker": slot, "pid": pid})
-        )
+        out.append(_report("worker.spawned", **_worker_fields(worker)))
         if gen.state not in (GenerationState.STARTING, GenerationState.ACTIVE):
             # The generation failed or began draining while its later workers were forked.
             self._stop_worker(worker, out)
             return
-        out.append(
-            act.StartTimer(
-                key=TimerKey(TimerKind.READY_TIMEOUT, pid), delay_s=self.policy.ready_timeout_s
-            )
-        )
-        match self.policy.ready.mode:
-            case ReadyMode.DELAY:
-                key = TimerKey(TimerKind.READY_DELAY, pid)
-                out.append(act.StartTimer(key=key, delay_s=self.policy.ready.delay_s))
-            case ReadyMode.EXEC | ReadyMode.AUTO:
-                self._probe_attempts[pid] = 0
-                out.append(act.RunProbe(pid=pid, gen=gen.id, slot=slot))
-            case ReadyMode.NOTIFY:
-                pass
+        self._readiness.watch(worker, out)
 
     def _on_spawn_failed(
         self, gen: Generation, slot: int, reason: str, now: float, out: list[act.Action]
     ) -> None:
         gen.spawning.discard(slot)
-        fields = {"gen": gen.id, "worker": slot, "reason": reason}
-        out.append(act.Report(event="worker.spawn_failed", level="error", fields=fields))
+        out.append(_report("worker.spawn_failed", "error", gen=gen.id, worker=slot, reason=reason))
         self._on_worker_lost(gen, slot, reason, now, out)
         self._check_gone(gen, out)
 
@@ -354,16 +281,10 @@ class Supervisor:
             return  # a repeated READY=1, or readiness of a worker already told to stop
         worker.state = WorkerState.READY
         worker.ready_at = now
-        self._forget_readiness(worker, out)
+        self._readiness.forget(worker, out)
         gen = self.generations[worker.gen]
-        fields = {
-            "gen": gen.id,
-            "worker": worker.slot,
-            "pid": worker.pid,
-            "via": via,
-            "duration_s": round(now - worker.started_at, 4),
-        }
-        out.append(act.Report(event="worker.ready", fields=fields))
+        duration = round(now - worker.started_at, 4)
+        out.append(_report("worker.ready", **_worker_fields(worker), via=via, duration_s=duration))
         if gen.state is GenerationState.STARTING and gen.ready_count() == gen.size:
             self._activate(gen, now, out)
 
@@ -373,23 +294,23 @@ class Supervisor:
             raise InvalidTransition(f"pid {pid} reported exited but is not a live worker")
         was = worker.state
         worker.state = WorkerState.EXITED
-        self._forget_readiness(worker, out)
+        self._readiness.forget(worker, out)
         out.append(act.CancelTimer(key=TimerKey(TimerKind.DRAIN, pid)))
         gen = self.generations[worker.gen]
         del gen.workers[pid]
         expected = was is WorkerState.STOPPING and not worker.respawn_on_exit
         description = status.describe(killed_by_us=worker.killed)
-        fields: dict[str, object] = {
-            "gen": gen.id,
-            "worker": worker.slot,
-            "pid": pid,
-            "status": description,
-            "expected": expected,
-            "uptime_s": round(now - worker.started_at, 4),
-            **status.as_fields(),
-        }
-        level = "info" if expected else "warning"
-        out.append(act.Report(event="worker.exited", level=level, fields=fields))
+        out.append(
+            _report(
+                "worker.exited",
+                "info" if expected else "warning",
+                **_worker_fields(worker),
+                status=description,
+                expected=expected,
+                uptime_s=round(now - worker.started_at, 4),
+                **status.as_fields(),
+            )
+        )
         if worker.respawn_on_exit:
             self._on_worker_lost(gen, worker, worker.status, now, out)
         elif not expected:
@@ -420,17 +341,17 @@ class Supervisor:
                     act.StartTimer(key=TimerKey(TimerKind.RESPAWN, gen.id, slot), delay_s=delay)
                 )
                 crash_loop = crashes >= self.policy.crash_loop_after
-                fields: dict[str, object] = {
-                    "gen": gen.id,
-                    "worker": slot,
-                    "reason": reason,
-                    "crashes": crashes,
-                    "delay_s": delay,
-                }
                 event = "worker.crash_loop" if crash_loop else "worker.respawn_scheduled"
+                level = "error" if crash_loop else "warning"
                 out.append(
-                    act.Report(
-                        event=event, level="error" if crash_loop else "warning", fields=fields
+                    _report(
+                        event,
+                        level,
+                        gen=gen.id,
+                        worker=slot,
+                        reason=reason,
+                        crashes=crashes,
+                        delay_s=delay,
                     )
                 )
             case GenerationState.DRAINING | GenerationState.FAILED | GenerationState.GONE:
@@ -445,7 +366,7 @@ class Supervisor:
             return
         worker.stop_signalled = True
         worker.state = WorkerState.STOPPING
-        self._forget_readiness(worker, out)
+        self._readiness.forget(worker, out)
         out.append(act.SendSignal(pid=worker.pid, signal=self.policy.stop_signal))
         out.append(
             act.StartTimer(
@@ -458,22 +379,9 @@ class Supervisor:
             return
         worker.killed = True
         worker.state = WorkerState.STOPPING
-        self._forget_readiness(worker, out)
+        self._readiness.forget(worker, out)
         out.append(act.KillTree(pid=worker.pid))
-        fields = {"gen": worker.gen, "worker": worker.slot, "pid": worker.pid, "reason": reason}
-        out.append(act.Report(event="worker.killed", level="warning", fields=fields))
-
-    def _forget_readiness(self, worker: Worker, out: list[act.Action]) -> None:
-        out.append(act.CancelTimer(key=TimerKey(TimerKind.READY_TIMEOUT, worker.pid)))
-        match self.policy.ready.mode:
-            case ReadyMode.DELAY:
-                out.append(act.CancelTimer(key=TimerKey(TimerKind.READY_DELAY, worker.pid)))
-            case ReadyMode.EXEC | ReadyMode.AUTO:
-                if self._probe_attempts.pop(worker.pid, None) is not None:
-                    out.append(act.CancelTimer(key=TimerKey(TimerKind.PROBE_RETRY, worker.pid)))
-                    out.append(act.CancelProbe(pid=worker.pid))
-            case ReadyMode.NOTIFY:
-                pass
+        out.append(_report("worker.killed", "warning", **_worker_fields(worker), reason=reason))
 
     # -- readiness and timers ----------------------------------------------------------
 
@@ -490,27 +398,8 @@ class Supervisor:
         self, pid: Pid, ok: bool, detail: str, now: float, out: list[act.Action]
     ) -> None:
         worker = self._workers.get(pid)
-        if (
-            worker is None
-            or worker.state is not WorkerState.STARTING
-            or pid not in self._probe_attempts
-        ):
-            return
-        if ok:
+        if worker is not None and self._readiness.probe_finished(worker, ok, detail, out):
             self._on_ready(worker, self.policy.ready.mode.value, now, out)
-            return
-        attempts = self._probe_attempts[pid] + 1
-        self._probe_attempts[pid] = attempts
-        delay = backoff(attempts, self.policy.probe_base_s, self.policy.probe_cap_s)
-        out.append(act.StartTimer(key=TimerKey(TimerKind.PROBE_RETRY, pid), delay_s=delay))
-        if detail:
-            out.append(
-                act.Report(
-                    event="worker.probe_failed",
-                    level="debug",
-                    fields={"pid": pid, "detail": detail},
-                )
-            )
 
     def _on_timer(self, key: TimerKey, now: float, out: list[act.Action]) -> None:
         match key.kind:
@@ -537,8 +426,7 @@ class Supervisor:
             case TimerKind.READY_DELAY:
                 self._on_ready(worker, "delay", now, out)
             case TimerKind.PROBE_RETRY:
-                if worker.state is WorkerState.STARTING:
-                    out.append(act.RunProbe(pid=worker.pid, gen=worker.gen, slot=worker.slot))
+                self._readiness.retry(worker, out)
             case TimerKind.DRAIN:
                 self._kill_worker(
                     worker,
@@ -554,13 +442,7 @@ class Supervisor:
         gen = self.generations[worker.gen]
         timeout = self.policy.ready_timeout_s
         reason = f"worker {worker.slot} (pid {worker.pid}) not ready after {timeout:g} s"
-        out.append(
-            act.Report(
-                event="worker.not_ready",
-                level="error",
-                fields={"gen": gen.id, "worker": worker.slot, "pid": worker.pid, "reason": reason},
-            )
-        )
+        out.append(_report("worker.not_ready", "error", **_worker_fields(worker), reason=reason))
         if gen.state is GenerationState.STARTING:
             self._fail(gen, reason, now, out)
         else:

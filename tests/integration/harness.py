@@ -231,7 +231,8 @@ class Load:
         future.result(max(0.0, deadline - time.monotonic()))
 
     def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None and self._stop is not None
+        assert self._loop is not None
+        assert self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
         assert not self._thread.is_alive(), "load generator did not stop"

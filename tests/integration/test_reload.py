@@ -50,7 +50,7 @@ def assert_clean_exit(master: Master) -> None:
     master.signal(signal.SIGTERM)
     assert master.wait_exit(60) == 0
     assert master.named("master.exited")[-1]["exit_code"] == 0
-    gone, alive = psutil.wait_procs(master.live_workers(), timeout=5)
+    _, alive = psutil.wait_procs(master.live_workers(), timeout=5)
     assert not alive
 
 

@@ -24,6 +24,8 @@ LAYERS: Final[dict[str, int]] = {
     "events": 0,
     "actions": 0,
     "timers": 0,
+    "policy": 0,
+    "readiness": 0,
     "machine": 0,
     "protocol": 0,
     # Layer 1: OS mechanics, one kernel facility each.

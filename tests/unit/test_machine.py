@@ -20,8 +20,9 @@ from handoff import actions as act
 from handoff import events as ev
 from handoff.config import ReadyMode, ReadySpec
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
-from handoff.machine import Policy, Supervisor, backoff
+from handoff.machine import Supervisor
 from handoff.model import ExitStatus, GenerationState, GenId, MasterState, Pid, WorkerState
+from handoff.policy import Policy, backoff
 from handoff.timers import TimerKey, TimerKind, Timers
 
 A = TypeVar("A", bound=act.Action)

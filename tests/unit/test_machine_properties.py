@@ -29,8 +29,8 @@ from handoff import actions as act
 from handoff import events as ev
 from handoff.config import ReadyMode, ReadySpec
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
-from handoff.machine import Policy
 from handoff.model import GenerationState, MasterState, Pid, WorkerState
+from handoff.policy import Policy
 from handoff.timers import TimerKey, TimerKind
 from tests.unit.test_machine import FakeLoop
 

@@ -1,0 +1,44 @@
+"""The supervisor's fixed settings and the arithmetic it applies to them.
+
+Layer 0 (pure). ``Policy`` is what the machine reads from the run configuration (and its
+tunables: respawn and probe backoff, crash-loop threshold); ``ReloadOutcome`` is what it
+remembers of the last reload; ``backoff`` spaces respawns and probe retries.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from handoff.config import ReadySpec
+from handoff.model import GenId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    workers: int
+    ready: ReadySpec
+    ready_timeout_s: float
+    drain_timeout_s: float
+    stop_signal: signal.Signals
+    respawn_base_s: float = 0.1
+    respawn_cap_s: float = 30.0
+    crash_loop_after: int = 5
+    # A worker that was ready this long before dying starts a fresh backoff; one that
+    # dies sooner (even after becoming ready) counts as one more crash in a row.
+    stable_after_s: float = 10.0
+    probe_base_s: float = 0.05
+    probe_cap_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadOutcome:
+    gen: GenId
+    ok: bool
+    reason: str
+    duration_s: float
+
+
+def backoff(attempt: int, base_s: float, cap_s: float) -> float:
+    """Capped exponential backoff: base, 2*base, 4*base, ... never above cap."""
+    return min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
