@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
+import resource
 import signal
 import struct
 from collections.abc import Mapping, Sequence
@@ -135,14 +137,10 @@ def _exec_child(request: SpawnRequest, error_pipe: int, parent: int) -> None:  #
 
 
 def _dup_above(fd: int, minimum: int) -> int:
-    import fcntl  # noqa: PLC0415 - only the child needs it
-
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, minimum)
 
 
 def _fd_limit() -> int:
-    import resource  # noqa: PLC0415 - only the child needs it
-
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 

@@ -7,7 +7,6 @@ Layer 2 (shell). Every expected failure ends as ``handoff: error: <one line>`` p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -17,13 +16,11 @@ from typing import NoReturn
 
 import click
 
-from handoff import __version__, children, config
+from handoff import __version__, config
 from handoff.config import LogFormat, RunConfig, Timeouts
 from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, EXIT_USAGE, ConfigError, HandoffError
-from handoff.logs import LEVELS, configure, emit
-from handoff.loop import MasterLoop
-from handoff.sockets import close_listeners, default_backlog, open_listeners
-from handoff.warden import start_warden
+from handoff.logs import LEVELS, configure
+from handoff.master import serve
 
 
 class _Parsed(click.ParamType):  # type: ignore[type-arg,unused-ignore]
@@ -206,76 +203,6 @@ def run(
             code,
         )
     return code
-
-
-def serve(run_config: RunConfig) -> tuple[int, str]:
-    """Own the sockets and run the master loop until it exits; return (exit code, reason)."""
-    from handoff.protocol import expand_placeholders  # noqa: PLC0415
-
-    expand_placeholders(run_config.command, len(run_config.binds))  # validate {fdN} early
-    children.check_platform()
-    # The warden is forked before any socket exists, so it never holds the port.
-    warden = start_warden(run_config.name)
-    listeners = []
-    try:
-        listeners = open_listeners(run_config.binds, run_config.backlog or default_backlog())
-        for index, listener in enumerate(listeners):
-            port = (
-                listener.sock.getsockname()[1]
-                if listener.spec.kind != config.BindKind.UNIX
-                else None
-            )
-            emit(
-                "listener.bound",
-                address=listener.address,
-                fd=3 + index,
-                name=listener.name,
-                port=port,
-            )
-        _write_pidfile(run_config.pidfile)
-        children.become_subreaper()
-        emit(
-            "master.started",
-            pid=os.getpid(),
-            name=run_config.name,
-            workers=run_config.workers,
-            ready=run_config.ready.describe(),
-            command=list(run_config.command),
-        )
-        loop = MasterLoop(run_config, listeners, warden, environ=os.environ)
-        code = loop.run()
-        reason = loop.exit_reason
-    finally:
-        close_listeners(listeners)
-        _remove_pidfile(run_config.pidfile)
-        warden.release()
-    emit("master.exited", exit_code=code, reason=reason)
-    return code, reason
-
-
-def _write_pidfile(path: str | None) -> None:
-    if path is None:
-        return
-    try:
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="ascii") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise HandoffError(
-            f"cannot write --pidfile {path}: {exc.strerror}",
-            hint="check the directory exists and is writable",
-        ) from None
-
-
-def _remove_pidfile(path: str | None) -> None:
-    if path is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        with open(path, encoding="ascii") as f:
-            if int(f.read().strip()) != os.getpid():
-                return  # a successor's pidfile
-        os.unlink(path)
 
 
 @cli.command()

@@ -73,6 +73,7 @@ class MasterLoop:
         config: RunConfig,
         listeners: list[Listener],
         warden: Warden,
+        inbox: SignalInbox,
         *,
         environ: Mapping[str, str],
         clock: Clock = time.monotonic,
@@ -97,14 +98,13 @@ class MasterLoop:
         self._probes: dict[Pid, Probe] = {}  # keyed by the worker's pid
         self._exit: act.Exit | None = None
         self.exit_reason = ""
-        self._inbox: SignalInbox | None = None
+        self._inbox = inbox
         self._notify: NotifyServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until the machine says exit; return the exit code."""
-        self._inbox = SignalInbox()
         self._notify = NotifyServer()
         self._selector.register(self._inbox.fileno(), selectors.EVENT_READ, Watch(Source.SIGNALS))
         self._selector.register(self._notify.fileno(), selectors.EVENT_READ, Watch(Source.NOTIFY))
@@ -136,7 +136,6 @@ class MasterLoop:
     def _on_ready(self, watch: Watch) -> None:
         match watch.source:
             case Source.SIGNALS:
-                assert self._inbox is not None
                 for sig in self._inbox.drain():
                     self._on_signal(sig)
             case Source.WORKER:
@@ -190,8 +189,6 @@ class MasterLoop:
         tracked = {self._warden.pid}
         for pid in proc.kill_and_reap_strays(tracked):
             emit("stray.killed", "warning", pid=pid)
-        if self._inbox is not None:
-            self._inbox.close()
         if self._notify is not None:
             self._notify.close()
         self._selector.close()

@@ -106,8 +106,7 @@ class Master:
                 if remaining <= 0 or (
                     self.process.poll() is not None and not self._reader.is_alive()
                 ):
-                    tail = "\n".join(self.lines[-40:])
-                    raise AssertionError(f"no {name} event within {timeout} s; output:\n{tail}")
+                    raise AssertionError(self.diagnose(f"no {name} event within {timeout} s"))
                 self._changed.wait(remaining)
 
     def mark(self) -> int:
@@ -141,9 +140,19 @@ class Master:
                         return event
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.process.poll() is not None:
-                    tail = "\n".join(self.lines[-40:])
-                    raise AssertionError(f"no reload outcome within {timeout} s; output:\n{tail}")
+                    raise AssertionError(self.diagnose(f"no reload outcome within {timeout} s"))
                 self._changed.wait(remaining)
+
+    def diagnose(self, problem: str) -> str:
+        """The problem, the master's process tree with states, and the last output lines."""
+        tree = []
+        with contextlib.suppress(psutil.Error):
+            master = psutil.Process(self.pid)
+            for proc in [master, *master.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error), open(f"/proc/{proc.pid}/wchan") as f:
+                    tree.append(f"  {proc.pid} {proc.status()} wchan={f.read()} {proc.name()}")
+        tail = "\n".join(self.lines[-80:])
+        return f"{problem}\nprocesses:\n" + "\n".join(tree) + f"\noutput:\n{tail}"
 
     def signal(self, sig: signal.Signals) -> None:
         os.kill(self.pid, sig)

@@ -38,6 +38,7 @@ LAYERS: Final[dict[str, int]] = {
     # Layer 2: the shell, and the tools around it.
     "loop": 2,
     "cli": 2,
+    "master": 2,
     "logs": 2,
     "demo": 2,
     "demoapp": 2,

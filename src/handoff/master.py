@@ -1,0 +1,101 @@
+"""The master process's lifetime: warden, signals, sockets, pidfile, loop, clean-up.
+
+Layer 2 (shell). Order matters: the warden is forked before any socket exists (so it
+never holds the port), the signal handlers are installed before binding (a signal that
+arrives during start-up waits in the inbox instead of killing the master), and the
+sockets close last, after every worker is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from handoff import children, config
+from handoff.config import RunConfig
+from handoff.errors import HandoffError
+from handoff.logs import emit
+from handoff.loop import MasterLoop
+from handoff.protocol import expand_placeholders
+from handoff.signals import SignalInbox
+from handoff.sockets import close_listeners, default_backlog, open_listeners
+from handoff.warden import start_warden
+
+
+def serve(run_config: RunConfig) -> tuple[int, str]:
+    """Own the sockets and run the master loop until it exits; return (exit code, reason)."""
+    expand_placeholders(run_config.command, len(run_config.binds))  # validate {fdN} early
+    children.check_platform()
+    # The warden is forked before any socket exists, so it never holds the port.
+    warden = start_warden(run_config.name)
+    inbox = SignalInbox()
+    listeners = []
+    try:
+        listeners = open_listeners(run_config.binds, run_config.backlog or default_backlog())
+        for index, listener in enumerate(listeners):
+            port = (
+                listener.sock.getsockname()[1]
+                if listener.spec.kind != config.BindKind.UNIX
+                else None
+            )
+            emit(
+                "listener.bound",
+                address=listener.address,
+                fd=3 + index,
+                name=listener.name,
+                port=port,
+            )
+        _write_pidfile(run_config.pidfile)
+        children.become_subreaper()
+        emit(
+            "master.started",
+            pid=os.getpid(),
+            name=run_config.name,
+            workers=run_config.workers,
+            ready=run_config.ready.describe(),
+            command=list(run_config.command),
+        )
+        loop = MasterLoop(run_config, listeners, warden, inbox, environ=os.environ)
+        try:
+            code = loop.run()
+        except Exception as exc:
+            emit(
+                "master.crashed",
+                "error",
+                error=repr(exc),
+                hint="a bug in handoff: please report it",
+            )
+            raise
+        reason = loop.exit_reason
+    finally:
+        inbox.close()
+        close_listeners(listeners)
+        _remove_pidfile(run_config.pidfile)
+        warden.release()
+    emit("master.exited", exit_code=code, reason=reason)
+    return code, reason
+
+
+def _write_pidfile(path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise HandoffError(
+            f"cannot write --pidfile {path}: {exc.strerror}",
+            hint="check the directory exists and is writable",
+        ) from None
+
+
+def _remove_pidfile(path: str | None) -> None:
+    if path is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="ascii") as f:
+            if int(f.read().strip()) != os.getpid():
+                return  # a successor's pidfile
+        os.unlink(path)
