@@ -99,6 +99,7 @@ async def run_bare_load(
     processes: list[asyncio.subprocess.Process] = []
     try:
         listener.bind(("127.0.0.1", 0))
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener.listen(socket.SOMAXCONN)
         port = int(listener.getsockname()[1])
         env = clean_environment(None)
