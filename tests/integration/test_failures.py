@@ -257,3 +257,30 @@ def test_a_unix_socket_is_bound_and_removed_at_exit(tmp_path: Path) -> None:
         master.signal(signal.SIGTERM)
         assert master.wait_exit(30) == 0
     assert not path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_ready_from_a_child_of_the_worker_counts_for_the_worker() -> None:
+    with running([*MISBEHAVE, "child-notifies"]) as master:
+        ready = master.wait_for("worker.ready", 30)
+        assert ready["via"] == "notify"
+        assert ready["pid"] == master.named("worker.spawned")[0]["pid"]
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit(30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_ready_from_outside_the_worker_trees_is_ignored() -> None:
+    with running([*MISBEHAVE, "hang-at-start"], args=["--log-level", "debug"]) as master:
+        worker = master.wait_for("worker.spawned")["pid"]
+        with open(f"/proc/{worker}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        address = env[b"NOTIFY_SOCKET"].decode()
+        assert address.startswith("@handoff/")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
+            stranger.sendto(b"READY=1", "\0" + address[1:])
+        ignored = master.wait_for("notify.ignored", 10)
+        assert ignored["sender"] == os.getpid()
+        assert not master.named("worker.ready")
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit(30) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -180,3 +181,27 @@ def test_fifty_hups_in_one_second_coalesce_and_serve_the_newest(tmp_path: Path) 
         started = master.named("generation.started")
         assert 2 <= len(started) <= 15, len(started)
         assert_clean_exit(master)
+
+
+NOISY_WORKER = """
+import os, time
+while True:
+    os.write(2, b"worker output line " + b"." * 60 + b"\\n")
+    time.sleep(0.0005)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_log_lines_stay_whole_while_workers_write_to_the_same_stderr() -> None:
+    with running([sys.executable, "-c", NOISY_WORKER], args=["--ready", "delay:0.05"]) as master:
+        master.wait_for("master.ready")
+        for _ in range(30):
+            assert master.reload()["event"] == "reload.succeeded"
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit(30) == 0
+        for line in master.lines:
+            assert line.startswith(("{", "worker output line ")), line
+            if line.startswith("{"):
+                json.loads(line)  # a master line split by a worker's write would not parse
+            else:
+                assert line == "worker output line " + "." * 60, line

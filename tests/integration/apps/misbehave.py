@@ -5,6 +5,8 @@ hang-at-start   never becomes ready (and never sends READY=1)
 stubborn DIR    sends READY=1, ignores SIGTERM, and starts two children that ignore it
                 too: one in its process group, one that left it with setsid; writes the
                 three pids to DIR/pids-GENERATION-WORKER
+child-notifies  a child of the worker sends READY=1 (as prefork servers do), then
+                both wait
 select FILE     reads FILE: "exit" or "hang" behave as above, anything else execs the
                 demo app with --version-file FILE.version (same pid: LISTEN_PID holds)
 """
@@ -54,6 +56,11 @@ def main_mode(mode: str) -> None:
         print("misbehave: cannot load settings (on purpose)", file=sys.stderr, flush=True)
         sys.exit(3)
     if mode == "hang-at-start":
+        threading.Event().wait()
+    if mode == "child-notifies":
+        if os.fork() == 0:
+            notify(b"READY=1")
+            threading.Event().wait()
         threading.Event().wait()
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
