@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
+from handoff.httpwire import EarlyEof, Response, read_response
+
 _RESERVOIR_SIZE: Final = 10_000
 _RECENT_ERRORS: Final = 20
 _HEADER_LIMIT: Final = 64 * 1024
@@ -159,97 +161,6 @@ class LoadStats:
         }
 
 
-class _EarlyEof(Exception):
-    """The peer closed the connection before a complete response."""
-
-    def __init__(self, *, before_first_byte: bool) -> None:
-        super().__init__(
-            "connection closed before first byte"
-            if before_first_byte
-            else "connection closed mid-response"
-        )
-        self.before_first_byte = before_first_byte
-
-
-class _BadResponse(Exception):
-    """The bytes received are not an HTTP/1.x response we can parse."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    close: bool  # the server will close the connection after this response
-
-
-def _connection_closes(version: str, headers: dict[str, str]) -> bool:
-    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    if version == "HTTP/1.0":
-        return "keep-alive" not in tokens
-    return "close" in tokens
-
-
-def _parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise _BadResponse(f"bad status line {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _BadResponse(f"bad header line {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
-    return parts[0], int(parts[1]), headers
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> None:
-    while True:
-        size_line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise _BadResponse(f"bad chunk size {size_line[:40]!r}") from None
-        if size == 0:
-            # Trailers, then the empty line that ends the message.
-            while await reader.readuntil(b"\r\n") != b"\r\n":
-                pass
-            return
-        await reader.readexactly(size + 2)
-
-
-async def _read_response(reader: asyncio.StreamReader) -> _Response:
-    """Read one response; raise _EarlyEof if the connection ends before it is complete."""
-    while True:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            raise _EarlyEof(before_first_byte=not exc.partial) from None
-        except asyncio.LimitOverrunError:
-            raise _BadResponse("response head too large") from None
-        version, status, headers = _parse_head(head[:-4])
-        # 1xx are interim responses (100 Continue...): the real one follows.
-        if not 100 <= status < 200 or status == 101:
-            break
-    close = _connection_closes(version, headers)
-    try:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            await _read_chunked(reader)
-        elif "content-length" in headers:
-            try:
-                length = int(headers["content-length"])
-            except ValueError:
-                raise _BadResponse("bad Content-Length") from None
-            await reader.readexactly(length)
-        elif status not in (204, 304):
-            # No framing: the body runs to the end of the connection.
-            await reader.read()
-            close = True
-    except asyncio.IncompleteReadError:
-        raise _EarlyEof(before_first_byte=False) from None
-    return _Response(status=status, headers=headers, close=close)
-
-
 def _classify(exc: Exception, *, reused: bool) -> FailureClass:
     match exc:
         case ConnectionRefusedError():
@@ -258,9 +169,9 @@ def _classify(exc: Exception, *, reused: bool) -> FailureClass:
             return FailureClass.RESET
         case TimeoutError():
             return FailureClass.TIMEOUT
-        case _EarlyEof(before_first_byte=True) if reused:
+        case EarlyEof(before_first_byte=True) if reused:
             return FailureClass.EOF_REUSED
-        case _EarlyEof():
+        case EarlyEof():
             return FailureClass.EOF_FRESH
         case _:
             return FailureClass.OTHER
@@ -277,10 +188,10 @@ class _Connection:
     def closed_by_peer(self) -> bool:
         return self.reader.at_eof() or self.writer.transport.is_closing()
 
-    async def request(self, payload: bytes) -> _Response:
+    async def request(self, payload: bytes) -> Response:
         self.writer.write(payload)
         await self.writer.drain()
-        response = await _read_response(self.reader)
+        response = await read_response(self.reader)
         self.served += 1
         return response
 
@@ -351,7 +262,7 @@ class LoadGenerator:
         return _Connection(reader, writer)
 
     def _record(
-        self, response: _Response | Exception, *, fresh: bool, reused: bool, started: float
+        self, response: Response | Exception, *, fresh: bool, reused: bool, started: float
     ) -> bool:
         """Count one outcome; return True if it was a success."""
         if isinstance(response, Exception):
@@ -388,7 +299,7 @@ class LoadGenerator:
                     connection = None
                 reused = connection is not None
                 started = time.perf_counter()
-                outcome: _Response | Exception
+                outcome: Response | Exception
                 try:
                     async with asyncio.timeout(self.config.timeout_s):
                         if connection is None:
@@ -411,7 +322,7 @@ class LoadGenerator:
         while not stop.is_set():
             started = time.perf_counter()
             connection: _Connection | None = None
-            outcome: _Response | Exception
+            outcome: Response | Exception
             try:
                 async with asyncio.timeout(self.config.timeout_s):
                     connection = await self._connect()

@@ -44,6 +44,7 @@ LAYERS: Final[dict[str, int]] = {
     "demoapp": 2,
     "drill": 2,
     "loadgen": 2,
+    "httpwire": 2,
     "__main__": 2,
 }
 
