@@ -2,16 +2,28 @@
 
 VERSION_FILE (env) is read once at import: a reload proves that the new generation runs
 the code and configuration as they are on disk now.
+
+Two contents stand for bad releases (bench/peers.py deploys them); any other content is
+served as it is:
+
+  broken  the import raises RuntimeError, as a release with a bug at start-up would
+  slow    the import takes SLOW_IMPORT_S seconds, then the app serves version "slow"
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 with open(os.environ["VERSION_FILE"]) as _f:
     VERSION = _f.read().strip()
+SLOW_IMPORT_S = 3.0
+if VERSION == "broken":
+    raise RuntimeError("broken release (on purpose)")
+if VERSION == "slow":
+    time.sleep(SLOW_IMPORT_S)
 GENERATION = os.environ.get("HANDOFF_GENERATION", "?")
 
 
