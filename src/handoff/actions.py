@@ -28,6 +28,13 @@ class SendSignal:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DetachListeners:
+    """Remove the worker tree's epoll registrations of the listening sockets (stop accepting)."""
+
+    pid: Pid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class KillTree:
     """SIGKILL the worker's process group, then any descendant that left the group."""
 
@@ -77,6 +84,7 @@ class Exit:
 Action = (
     SpawnWorker
     | SendSignal
+    | DetachListeners
     | KillTree
     | StartTimer
     | CancelTimer

@@ -117,7 +117,7 @@ def cli() -> None:
 @click.option(
     "--ready",
     type=_Parsed("MODE", config.parse_ready),
-    default="notify",
+    default="auto",
     show_default=True,
     help=f"How a worker proves it is ready: {config.READY_FORMS}.",
 )
@@ -143,6 +143,13 @@ def cli() -> None:
     help="Seconds after the stop signal before the worker's process tree is killed.",
 )
 @click.option(
+    "--settle",
+    type=_duration("--settle"),
+    default="0.25",
+    show_default=True,
+    help="Seconds between taking an old worker off the listening socket and its stop signal.",
+)
+@click.option(
     "--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the master's pid here."
 )
 @click.option(
@@ -165,6 +172,7 @@ def run(
     ready_timeout: float,
     stop_signal: signal.Signals,
     drain_timeout: float,
+    settle: float,
     pidfile: str | None,
     name: str | None,
     log_format: str,
@@ -188,7 +196,7 @@ def run(
         backlog=backlog,
         workers=workers,
         ready=ready,
-        timeouts=Timeouts(ready_s=ready_timeout, drain_s=drain_timeout),
+        timeouts=Timeouts(ready_s=ready_timeout, drain_s=drain_timeout, settle_s=settle),
         stop_signal=stop_signal,
         pidfile=pidfile,
         name=name or os.path.basename(command[0]),

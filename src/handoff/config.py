@@ -152,7 +152,7 @@ class ReadySpec:
                 return self.mode.value
 
 
-READY_FORMS: Final = "notify, delay:SECONDS, exec:COMMAND"
+READY_FORMS: Final = "auto, notify, delay:SECONDS, exec:COMMAND"
 
 
 def parse_ready(text: str) -> ReadySpec:
@@ -170,10 +170,8 @@ def parse_ready(text: str) -> ReadySpec:
                 f"'{text}': exec: needs a command, "
                 "e.g. exec:'test -e /run/app/$HANDOFF_WORKER_PID.ready'"
             )
-        case "auto":
-            # The /proc scanner that makes 'auto' work lands with the next issue; until then
-            # refuse it clearly rather than guess.
-            raise ConfigError(f"'{text}': 'auto' is not available yet (choose {READY_FORMS})")
+        case "auto" if not argument:
+            return ReadySpec(mode=ReadyMode.AUTO)
         case _:
             raise ConfigError(f"'{text}': unknown readiness mode (choose {READY_FORMS})")
 
@@ -188,6 +186,7 @@ class LogFormat(StrEnum):
 class Timeouts:
     ready_s: float = 60.0
     drain_s: float = 30.0
+    settle_s: float = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -69,7 +69,7 @@ def configure(fmt: LogFormat, level: str, stream: TextIO | None = None) -> None:
     )
 
 
-def emit(event: str, level: str = "info", **fields: object) -> None:
+def emit(event: str, level: str = "info", /, **fields: object) -> None:
     """Log one event at the named level."""
     logger = structlog.get_logger("handoff")
     match level:

@@ -19,9 +19,10 @@ from enum import Enum, auto
 from typing import Final
 
 from handoff import actions as act
-from handoff import children, proc
+from handoff import children, proc, scan
 from handoff import events as ev
 from handoff.config import ReadyMode, RunConfig
+from handoff.detach import detach
 from handoff.errors import EXIT_FAILURE, SpawnError
 from handoff.logs import emit
 from handoff.machine import Supervisor
@@ -90,8 +91,12 @@ class MasterLoop:
                 ready_timeout_s=config.timeouts.ready_s,
                 drain_timeout_s=config.timeouts.drain_s,
                 stop_signal=config.stop_signal,
+                settle_s=config.timeouts.settle_s,
             )
         )
+        # inode -> the master's fd: how /proc names our sockets in a worker's tables.
+        self._listener_inodes = {os.fstat(lst.fileno()).st_ino: lst.fileno() for lst in listeners}
+        self._proc_unreadable = False
         self._timers = Timers()
         self._selector = selectors.DefaultSelector()
         self._workers: dict[Pid, children.Child] = {}
@@ -209,6 +214,8 @@ class MasterLoop:
                 child = self._workers.get(pid)
                 if child is not None and children.send_signal(child, sig):
                     emit("worker.signalled", "debug", pid=pid, signal=sig.name)
+            case act.DetachListeners(pid=pid):
+                self._detach(pid)
             case act.KillTree(pid=pid):
                 proc.kill_tree(pid)
             case act.StartTimer(key=key, delay_s=delay):
@@ -301,8 +308,9 @@ class MasterLoop:
     # -- readiness probes ---------------------------------------------------------------
 
     def _run_probe(self, worker: Pid, gen: GenId, slot: int) -> None:
-        if self._config.ready.mode is not ReadyMode.EXEC:
-            return  # the /proc scanner of --ready auto plugs in here (next issue)
+        if self._config.ready.mode is ReadyMode.AUTO:
+            self._scan(worker)
+            return
         env = clean_environment(self._environ)
         env.update(
             HANDOFF_WORKER_PID=str(worker), HANDOFF_GENERATION=str(gen), HANDOFF_WORKER=str(slot)
@@ -318,6 +326,42 @@ class MasterLoop:
             return
         self._probes[worker] = Probe(child)
         self._selector.register(child.pidfd, selectors.EVENT_READ, Watch(Source.PROBE, worker))
+
+    def _scan(self, worker: Pid) -> None:
+        """--ready auto: is a process of the worker's tree waiting on a handed socket?"""
+        if self._proc_unreadable:
+            self._feed(ev.ProbeFinished(pid=worker, ok=False))
+            return
+        try:
+            found = scan.scan_tree(worker, self._listener_inodes)
+        except scan.ProcUnreadable as exc:
+            self._proc_unreadable = True
+            emit(
+                "readiness.unavailable",
+                "warning",
+                reason=str(exc),
+                hint="--ready auto cannot see the workers; READY=1 still counts, "
+                "or choose --ready notify, delay:SECONDS or exec:COMMAND",
+            )
+            self._feed(ev.ProbeFinished(pid=worker, ok=False))
+            return
+        self._feed(ev.ProbeFinished(pid=worker, ok=found.accepting > 0, detail=found.describe()))
+
+    def _detach(self, pid: Pid) -> None:
+        """Stop an old worker accepting before its stop signal; log which path was taken."""
+        result = detach(pid, self._listener_inodes)
+        worker = self._machine.worker(pid)
+        fields: dict[str, object] = {
+            "gen": worker.gen if worker else None,
+            "worker": worker.slot if worker else None,
+            "pid": pid,
+            "path": result.path,
+            "registrations": result.registrations,
+            "processes": result.processes,
+        }
+        if result.reason:
+            fields["reason"] = result.reason
+        emit("worker.detached", **fields)
 
     def _cancel_probe(self, worker: Pid) -> None:
         probe = self._probes.get(worker)

@@ -276,7 +276,9 @@ class Supervisor:
         self._on_worker_lost(gen, slot, reason, now, out)
         self._check_gone(gen, out)
 
-    def _on_ready(self, worker: Worker, via: str, now: float, out: list[act.Action]) -> None:
+    def _on_ready(
+        self, worker: Worker, via: str, now: float, out: list[act.Action], detail: str = ""
+    ) -> None:
         if worker.state is not WorkerState.STARTING:
             return  # a repeated READY=1, or readiness of a worker already told to stop
         worker.state = WorkerState.READY
@@ -284,7 +286,10 @@ class Supervisor:
         self._readiness.forget(worker, out)
         gen = self.generations[worker.gen]
         duration = round(now - worker.started_at, 4)
-        out.append(_report("worker.ready", **_worker_fields(worker), via=via, duration_s=duration))
+        fields = {**_worker_fields(worker), "via": via, "duration_s": duration}
+        if detail:
+            fields["detail"] = detail
+        out.append(_report("worker.ready", **fields))
         if gen.state is GenerationState.STARTING and gen.ready_count() == gen.size:
             self._activate(gen, now, out)
 
@@ -296,6 +301,8 @@ class Supervisor:
         worker.state = WorkerState.EXITED
         self._readiness.forget(worker, out)
         out.append(act.CancelTimer(key=TimerKey(TimerKind.DRAIN, pid)))
+        if self.policy.settle_s > 0:
+            out.append(act.CancelTimer(key=TimerKey(TimerKind.SETTLE, pid)))
         gen = self.generations[worker.gen]
         del gen.workers[pid]
         expected = was is WorkerState.STOPPING and not worker.respawn_on_exit
@@ -367,6 +374,15 @@ class Supervisor:
         worker.stop_signalled = True
         worker.state = WorkerState.STOPPING
         self._readiness.forget(worker, out)
+        # First stop it accepting (from outside), then, after the settle, signal it.
+        out.append(act.DetachListeners(pid=worker.pid))
+        if self.policy.settle_s > 0:
+            key = TimerKey(TimerKind.SETTLE, worker.pid)
+            out.append(act.StartTimer(key=key, delay_s=self.policy.settle_s))
+        else:
+            self._signal_stop(worker, out)
+
+    def _signal_stop(self, worker: Worker, out: list[act.Action]) -> None:
         out.append(act.SendSignal(pid=worker.pid, signal=self.policy.stop_signal))
         out.append(
             act.StartTimer(
@@ -399,7 +415,7 @@ class Supervisor:
     ) -> None:
         worker = self._workers.get(pid)
         if worker is not None and self._readiness.probe_finished(worker, ok, detail, out):
-            self._on_ready(worker, self.policy.ready.mode.value, now, out)
+            self._on_ready(worker, self.policy.ready.mode.value, now, out, detail)
 
     def _on_timer(self, key: TimerKey, now: float, out: list[act.Action]) -> None:
         match key.kind:
@@ -417,6 +433,7 @@ class Supervisor:
                 TimerKind.READY_TIMEOUT
                 | TimerKind.READY_DELAY
                 | TimerKind.PROBE_RETRY
+                | TimerKind.SETTLE
                 | TimerKind.DRAIN
             ):
                 worker = self._workers.get(Pid(key.ident))
@@ -427,6 +444,9 @@ class Supervisor:
                 self._on_ready(worker, "delay", now, out)
             case TimerKind.PROBE_RETRY:
                 self._readiness.retry(worker, out)
+            case TimerKind.SETTLE:
+                if not worker.killed:
+                    self._signal_stop(worker, out)
             case TimerKind.DRAIN:
                 self._kill_worker(
                     worker,

@@ -27,8 +27,13 @@ class Policy:
     # A worker that was ready this long before dying starts a fresh backoff; one that
     # dies sooner (even after becoming ready) counts as one more crash in a row.
     stable_after_s: float = 10.0
-    probe_base_s: float = 0.05
+    probe_base_s: float = 0.05  # exec: probes: 0.05 s doubling to 1 s
     probe_cap_s: float = 1.0
+    scan_base_s: float = 0.005  # auto: /proc scans, cheap: 5 ms doubling to 0.2 s
+    scan_cap_s: float = 0.2
+    # Between removing an old worker's listening registration and its stop signal: time
+    # for connections it accepted just before to be read. 0: signal at once.
+    settle_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -70,7 +70,11 @@ class Readiness:
             return True  # the caller's transition to READY calls forget()
         attempts = self._probe_attempts[pid] + 1
         self._probe_attempts[pid] = attempts
-        delay = backoff(attempts, self._policy.probe_base_s, self._policy.probe_cap_s)
+        policy = self._policy
+        if policy.ready.mode is ReadyMode.AUTO:
+            delay = backoff(attempts, policy.scan_base_s, policy.scan_cap_s)
+        else:
+            delay = backoff(attempts, policy.probe_base_s, policy.probe_cap_s)
         out.append(act.StartTimer(key=TimerKey(TimerKind.PROBE_RETRY, pid), delay_s=delay))
         if detail:
             out.append(

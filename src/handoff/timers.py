@@ -15,6 +15,7 @@ class TimerKind(StrEnum):
     READY_TIMEOUT = "ready-timeout"  # per worker: not ready in --ready-timeout
     READY_DELAY = "ready-delay"  # per worker: --ready delay:S elapsed
     PROBE_RETRY = "probe-retry"  # per worker: run the readiness probe again
+    SETTLE = "settle"  # per worker: --settle after its listening registration was removed
     DRAIN = "drain"  # per worker: --drain-timeout after the stop signal
     RESPAWN = "respawn"  # per (generation, slot): backoff before respawning a crashed worker
 

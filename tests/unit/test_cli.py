@@ -94,9 +94,13 @@ def assert_usage_error(
             f"Invalid value for '--ready': 'bogus': unknown readiness mode (choose {READY_FORMS})",
         ),
         (
-            ["--ready", "auto"],
-            "Invalid value for '--ready': 'auto': 'auto' is not available yet "
-            f"(choose {READY_FORMS})",
+            ["--ready", "auto:1"],
+            f"Invalid value for '--ready': 'auto:1': unknown readiness mode (choose {READY_FORMS})",
+        ),
+        (
+            ["--settle", "-1"],
+            "Invalid value for '--settle': --settle must be a finite number of seconds >= 0, "
+            "not '-1'",
         ),
     ],
 )

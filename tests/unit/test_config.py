@@ -197,6 +197,7 @@ def test_parse_duration_refuses_naming_the_option(text: str, says: str) -> None:
     ("text", "expected", "described"),
     [
         ("notify", ReadySpec(mode=ReadyMode.NOTIFY), "notify"),
+        ("auto", ReadySpec(mode=ReadyMode.AUTO), "auto"),
         ("delay:1.5", ReadySpec(mode=ReadyMode.DELAY, delay_s=1.5), "delay:1.5"),
         ("delay:0", ReadySpec(mode=ReadyMode.DELAY, delay_s=0.0), "delay:0"),
         (
@@ -218,7 +219,7 @@ def test_parse_ready_accepts(text: str, expected: ReadySpec, described: str) -> 
     [
         ("exec:", "exec: needs a command"),
         ("exec:   ", "exec: needs a command"),
-        ("auto", "'auto' is not available yet"),
+        ("auto:fast", "unknown readiness mode"),
         ("bogus", "unknown readiness mode"),
         ("NOTIFY", "unknown readiness mode"),
         ("notify:now", "unknown readiness mode"),
@@ -233,7 +234,7 @@ def test_parse_ready_refuses(text: str, says: str) -> None:
     assert says in caught.value.message
 
 
-@pytest.mark.parametrize("text", ["auto", "bogus"])
+@pytest.mark.parametrize("text", ["auto:1", "bogus"])
 def test_parse_ready_refusal_lists_the_modes(text: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_ready(text)

@@ -12,7 +12,7 @@ SOURCES = ROOT / "src" / "handoff"
 MASTER_MODULES = ("machine", "readiness", "loop", "master", "cli")
 # An event name is a string literal "noun.past_verb" whose noun is one of these.
 EVENT_NAME = re.compile(
-    r"^(master|listener|generation|worker|reload|signal|notify|stray|warden)\.[a-z_]+$"
+    r"^(master|listener|generation|worker|reload|readiness|signal|notify|stray|warden)\.[a-z_]+$"
 )
 
 

@@ -28,6 +28,7 @@ LAYERS: Final[dict[str, int]] = {
     "readiness": 0,
     "machine": 0,
     "protocol": 0,
+    "procfs": 0,
     # Layer 1: OS mechanics, one kernel facility each.
     "sockets": 1,
     "signals": 1,
@@ -35,6 +36,8 @@ LAYERS: Final[dict[str, int]] = {
     "notify": 1,
     "proc": 1,
     "warden": 1,
+    "scan": 1,
+    "detach": 1,
     # Layer 2: the shell, and the tools around it.
     "loop": 2,
     "cli": 2,
