@@ -296,3 +296,66 @@ def test_ready_from_outside_the_worker_trees_is_ignored() -> None:
         assert not master.named("worker.ready")
         master.signal(signal.SIGTERM)
         assert master.wait_exit(30) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["accept", "select", "poll"])
+def test_auto_sees_a_worker_blocked_in_accept_select_or_poll(kind: str) -> None:
+    with running([*MISBEHAVE, "waits-in", kind]) as master:
+        ready = master.wait_for("worker.ready", 30)
+        assert ready["via"] == "auto"
+        assert ready["detail"] == f"accepting in 1 of 1 processes ({kind})"
+        port = master.port()
+        assert get(port)[0] == 200
+        # No epoll registration to remove: the stop signal alone stops it accepting.
+        assert master.reload()["event"] == "reload.succeeded"
+        detached = master.wait_for("worker.detached", 10)
+        assert detached["path"] == "signal-only"
+        assert "no epoll registration" in detached["reason"]
+        assert get(port)[0] == 200
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit(30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_auto_does_not_call_a_worker_ready_while_its_start_up_hook_runs() -> None:
+    with running([*MISBEHAVE, "waits-in", "slow-epoll"]) as master:
+        ready = master.wait_for("worker.ready", 30)
+        assert ready["via"] == "auto"
+        assert ready["detail"] == "accepting in 1 of 1 processes (epoll)"
+        assert ready["duration_s"] >= 1.5
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit(30) == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_detached_worker_gets_no_new_connection_and_finishes_what_it_holds(
+    tmp_path: Path,
+) -> None:
+    version = tmp_path / "version"
+    version.write_text("v1")
+    command = [sys.executable, "-m", "handoff.demoapp", "--version-file", str(version)]
+    # A long settle holds the old generation detached but not yet signalled.
+    with running(command, args=["--settle", "4"]) as master:
+        port = master.wait_ready()
+        old = psutil.Process(master.worker_pids()[0])
+
+        def held() -> int:
+            return sum(1 for c in old.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(get, port, "/sleep?ms=2500", 30)
+            wait_until(lambda: held() >= 1, 10, "the old worker to accept the slow request")
+            version.write_text("v2")
+            assert master.reload()["event"] == "reload.succeeded"
+            detached = master.wait_for("worker.detached", 10)
+            assert (detached["pid"], detached["path"]) == (old.pid, "epoll")
+            # Between the detach and the stop signal, only generation 2 gets connections.
+            answers = [str(get(port)[1]["generation"]) for _ in range(50)]
+            assert set(answers) == {"2"}
+            assert not master.named("worker.exited")
+            status, body = slow.result(30)
+        assert (status, str(body["generation"])) == (200, "1")
+        master.wait_for("generation.gone", 30, where=lambda e: e["gen"] == 1)
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit(30) == 0

@@ -7,6 +7,9 @@ stubborn DIR    sends READY=1, ignores SIGTERM, and starts two children that ign
                 three pids to DIR/pids-GENERATION-WORKER
 child-notifies  a child of the worker sends READY=1 (as prefork servers do), then
                 both wait
+waits-in KIND   serves HTTP on fd 3 waiting in a blocking accept, select or poll
+                (KIND: accept, select, poll), or, for KIND slow-epoll, sleeps 1.5 s
+                before serving with asyncio (epoll); never sends READY=1
 select FILE     reads FILE: "exit" or "hang" behave as above, anything else execs the
                 demo app with --version-file FILE.version (same pid: LISTEN_PID holds)
 """
@@ -14,6 +17,7 @@ select FILE     reads FILE: "exit" or "hang" behave as above, anything else exec
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sys
@@ -39,8 +43,54 @@ def stubborn_child(leave_group: bool) -> int:
     return pid
 
 
+def answer(connection: socket.socket) -> None:
+    with connection:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = connection.recv(4096)
+            if not chunk:
+                return
+            request += chunk
+        generation = os.environ.get("HANDOFF_GENERATION", "0")
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n"
+            + f"X-Handoff-Generation: {generation}\r\n\r\nok".encode()
+        )
+
+
+def waits_in(kind: str) -> None:
+    listener = socket.socket(fileno=3)
+    if kind == "slow-epoll":
+        import asyncio
+        import time
+
+        time.sleep(1.5)  # a start-up hook: nothing accepts yet
+
+        async def serve() -> None:
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                await writer.drain()
+                writer.close()
+
+            server = await asyncio.start_server(handle, sock=listener)
+            await server.serve_forever()
+
+        asyncio.run(serve())
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    while True:
+        if kind == "select":
+            select.select([listener], [], [])
+        elif kind == "poll":
+            poller.poll()
+        answer(listener.accept()[0])
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "waits-in":
+        return waits_in(sys.argv[2])
     if mode == "select":
         with open(sys.argv[2]) as f:
             mode = f.read().strip()
