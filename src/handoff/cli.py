@@ -206,8 +206,8 @@ def run(
     if code == EXIT_NEVER_READY:
         _report(
             f"the first generation never became ready: {reason}",
-            "the worker's own output is above; check --ready (with 'notify' the server must "
-            "send READY=1) and --ready-timeout",
+            "the worker's own output is above; check that the server listens on the handed "
+            "socket ({fd} or LISTEN_FDS), and --ready and --ready-timeout",
             code,
         )
     return code
