@@ -165,7 +165,7 @@ def test_term_lets_slow_requests_in_flight_finish(tmp_path: Path) -> None:
             )
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            slow = [pool.submit(get, port, "/sleep?ms=1500", 30) for _ in range(4)]
+            slow = [pool.submit(get, port, "/sleep?ms=3000", 30) for _ in range(4)]
             wait_until(lambda: accepted() >= 4, 10, "the workers to accept 4 requests")
             master.signal(signal.SIGTERM)
             statuses = [future.result(30)[0] for future in slow]

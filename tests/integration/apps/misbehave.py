@@ -33,13 +33,20 @@ def notify(message: bytes) -> None:
 
 
 def stubborn_child(leave_group: bool) -> int:
+    """A child that ignores SIGTERM; returns once it is settled (out of the group if asked)."""
+    settled_read, settled_write = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(settled_read)
         if leave_group:
             os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.close(settled_write)
         threading.Event().wait()
         os._exit(0)
+    os.close(settled_write)
+    os.read(settled_read, 1)  # EOF once the child has done the above
+    os.close(settled_read)
     return pid
 
 
