@@ -407,7 +407,7 @@ class Supervisor:
             return
         if event.status is not None:
             worker.status = event.status
-        if event.ready:
+        if event.ready and self._readiness.notified(worker, out):
             self._on_ready(worker, "notify", now, out)
 
     def _on_probe_finished(
@@ -433,6 +433,7 @@ class Supervisor:
                 TimerKind.READY_TIMEOUT
                 | TimerKind.READY_DELAY
                 | TimerKind.PROBE_RETRY
+                | TimerKind.NOTIFY_GRACE
                 | TimerKind.SETTLE
                 | TimerKind.DRAIN
             ):
@@ -444,6 +445,11 @@ class Supervisor:
                 self._on_ready(worker, "delay", now, out)
             case TimerKind.PROBE_RETRY:
                 self._readiness.retry(worker, out)
+            case TimerKind.NOTIFY_GRACE:
+                detail = (
+                    f"READY=1; no process seen accepting within {self.policy.notify_grace_s:g} s"
+                )
+                self._on_ready(worker, "notify", now, out, detail)
             case TimerKind.SETTLE:
                 if not worker.killed:
                     self._signal_stop(worker, out)

@@ -31,6 +31,9 @@ class Policy:
     probe_cap_s: float = 1.0
     scan_base_s: float = 0.005  # auto: /proc scans, cheap: 5 ms doubling to 0.2 s
     scan_cap_s: float = 0.2
+    # auto: after READY=1, how long /proc may take to show a process accepting before
+    # READY=1 is taken on its own word (a server that accepts in a way /proc cannot show).
+    notify_grace_s: float = 2.0
     # Between removing an old worker's listening registration and its stop signal: time
     # for connections it accepted just before to be read. 0: signal at once.
     settle_s: float = 0.0

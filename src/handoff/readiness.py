@@ -55,6 +55,8 @@ class Readiness:
                 if self._probe_attempts.pop(worker.pid, None) is not None:
                     out.append(act.CancelTimer(key=TimerKey(TimerKind.PROBE_RETRY, worker.pid)))
                     out.append(act.CancelProbe(pid=worker.pid))
+                if self._policy.ready.mode is ReadyMode.AUTO:
+                    out.append(act.CancelTimer(key=TimerKey(TimerKind.NOTIFY_GRACE, worker.pid)))
             case ReadyMode.NOTIFY:
                 pass
 
@@ -84,6 +86,22 @@ class Readiness:
                     fields={"pid": pid, "detail": detail},
                 )
             )
+        return False
+
+    def notified(self, worker: Worker, out: list[act.Action]) -> bool:
+        """READY=1 arrived: True if that alone makes the worker ready.
+
+        Under ``auto`` it does not at once: gunicorn, for one, says READY=1 from its
+        arbiter before it forks the workers that accept. So READY=1 triggers a scan now,
+        and is taken on its own word only if /proc shows nobody accepting within the
+        notify grace (a server that accepts in a way /proc cannot show).
+        """
+        if self._policy.ready.mode is not ReadyMode.AUTO:
+            return True
+        if worker.state is WorkerState.STARTING and worker.pid in self._probe_attempts:
+            key = TimerKey(TimerKind.NOTIFY_GRACE, worker.pid)
+            out.append(act.StartTimer(key=key, delay_s=self._policy.notify_grace_s))
+            out.append(act.RunProbe(pid=worker.pid, gen=worker.gen, slot=worker.slot))
         return False
 
     def retry(self, worker: Worker, out: list[act.Action]) -> None:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 class TimerKind(StrEnum):
     READY_TIMEOUT = "ready-timeout"  # per worker: not ready in --ready-timeout
     READY_DELAY = "ready-delay"  # per worker: --ready delay:S elapsed
+    NOTIFY_GRACE = "notify-grace"  # per worker, auto: READY=1 came, /proc has not agreed yet
     PROBE_RETRY = "probe-retry"  # per worker: run the readiness probe again
     SETTLE = "settle"  # per worker: --settle after its listening registration was removed
     DRAIN = "drain"  # per worker: --drain-timeout after the stop signal

@@ -38,6 +38,7 @@ def make_policy(
     ready_timeout_s: float = 60.0,
     drain_timeout_s: float = 30.0,
     stop_signal: signal.Signals = STOP,
+    settle_s: float = 0.0,
 ) -> Policy:
     return Policy(
         workers=workers,
@@ -45,6 +46,7 @@ def make_policy(
         ready_timeout_s=ready_timeout_s,
         drain_timeout_s=drain_timeout_s,
         stop_signal=stop_signal,
+        settle_s=settle_s,
     )
 
 
@@ -1060,3 +1062,94 @@ def test_exit_of_an_unknown_pid_is_a_bug() -> None:
 )
 def test_backoff_is_capped_exponential(attempt: int, expected: float) -> None:
     assert backoff(attempt, 0.1, 30.0) == pytest.approx(expected)
+
+
+# -- --ready auto ------------------------------------------------------------------------------
+
+AUTO = ReadySpec(mode=ReadyMode.AUTO)
+
+
+def test_auto_scans_with_backoff_until_proc_shows_the_worker_accepting() -> None:
+    loop = FakeLoop(make_policy(workers=1, ready=AUTO))
+    out = loop.start()
+    pid = loop.pid(1, 0)
+    assert of_type(out, act.RunProbe) == [act.RunProbe(pid=pid, gen=GenId(1), slot=0)]
+    for delay in [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2]:
+        out = loop.feed(ev.ProbeFinished(pid=pid, ok=False, detail="accepting in 0 of 1"))
+        (retry,) = of_type(out, act.StartTimer)
+        assert (retry.key, retry.delay_s) == (
+            TimerKey(TimerKind.PROBE_RETRY, pid),
+            pytest.approx(delay),
+        )
+    detail = "accepting in 2 of 3 processes (epoll)"
+    out = loop.feed(ev.ProbeFinished(pid=pid, ok=True, detail=detail))
+    ready = report(out, "worker.ready")
+    assert (ready.fields["via"], ready.fields["detail"]) == ("auto", detail)
+    assert loop.master_state() is MasterState.RUNNING
+
+
+def test_auto_takes_ready_1_only_once_proc_agrees() -> None:
+    loop = FakeLoop(make_policy(workers=1, ready=AUTO))
+    loop.start()
+    pid = loop.pid(1, 0)
+    loop.feed(ev.ProbeFinished(pid=pid, ok=False))
+
+    # gunicorn's arbiter says READY=1 before its workers accept: scan now, do not trust it.
+    out = loop.ready(pid)
+    assert "worker.ready" not in names(out)
+    assert act.RunProbe(pid=pid, gen=GenId(1), slot=0) in out
+    grace = [t for t in of_type(out, act.StartTimer) if t.key.kind is TimerKind.NOTIFY_GRACE]
+    assert [t.delay_s for t in grace] == [2.0]
+    out = loop.feed(
+        ev.ProbeFinished(pid=pid, ok=True, detail="accepting in 1 of 3 processes (epoll)")
+    )
+    assert report(out, "worker.ready").fields["via"] == "auto"
+    assert act.CancelTimer(key=TimerKey(TimerKind.NOTIFY_GRACE, pid)) in out
+    assert not names(loop.advance(5))
+
+
+def test_auto_trusts_ready_1_when_proc_never_shows_anyone_accepting() -> None:
+    loop = FakeLoop(make_policy(workers=1, ready=AUTO))
+    loop.start()
+    pid = loop.pid(1, 0)
+    loop.ready(pid)
+    assert "worker.ready" not in names(loop.advance(1.9))
+    out = loop.advance(0.1)
+    ready = report(out, "worker.ready")
+    assert ready.fields["via"] == "notify"
+    assert ready.fields["detail"] == "READY=1; no process seen accepting within 2 s"
+
+
+def test_under_other_modes_ready_1_counts_at_once() -> None:
+    loop = FakeLoop(make_policy(workers=1, ready=ReadySpec(mode=ReadyMode.DELAY, delay_s=30)))
+    loop.start()
+    out = loop.ready(loop.pid(1, 0))
+    assert report(out, "worker.ready").fields["via"] == "notify"
+
+
+def test_old_workers_are_taken_off_the_socket_before_the_stop_signal() -> None:
+    loop = FakeLoop(make_policy(workers=1, settle_s=0.25))
+    loop.start()
+    old = loop.pid(1, 0)
+    loop.ready(old)
+    loop.reload()
+    out = loop.ready(loop.pid(2, 0))
+    assert act.DetachListeners(pid=old) in out
+    assert not loop.stop_signals(old)
+    assert not of_type(loop.advance(0.2), act.SendSignal)
+    out = loop.advance(0.05)
+    assert of_type(out, act.SendSignal) == [act.SendSignal(pid=old, signal=STOP)]
+    assert TimerKey(TimerKind.DRAIN, old) in {t.key for t in of_type(out, act.StartTimer)}
+
+
+def test_a_worker_that_exits_while_it_settles_gets_no_signal() -> None:
+    loop = FakeLoop(make_policy(workers=1, settle_s=0.25))
+    loop.start()
+    old = loop.pid(1, 0)
+    loop.ready(old)
+    loop.reload()
+    loop.ready(loop.pid(2, 0))
+    out = loop.exit(old)
+    assert act.CancelTimer(key=TimerKey(TimerKind.SETTLE, old)) in out
+    assert not of_type(loop.advance(1), act.SendSignal)
+    assert not loop.dead_targets

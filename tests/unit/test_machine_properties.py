@@ -46,6 +46,7 @@ READY_SPECS = {
     "notify": ReadySpec(mode=ReadyMode.NOTIFY),
     "delay": ReadySpec(mode=ReadyMode.DELAY, delay_s=1.0),
     "exec": ReadySpec(mode=ReadyMode.EXEC, command="true"),
+    "auto": ReadySpec(mode=ReadyMode.AUTO),
 }
 STEPS = [0.05, 0.1, 0.3, 1.0, 2.0, 5.0, 12.0]
 STOP = signal.SIGTERM

@@ -1,0 +1,141 @@
+"""Render the server matrix (.matrix/results.jsonl) as the markdown table of docs/servers.md.
+
+    python bench/servers_table.py [--results FILE ...] [--write docs/servers.md]
+
+The server tests (tests/integration/test_servers_*.py) append one JSON line per run
+through tests/integration/matrix.py. The newest line for each (server, variant) is one
+row. Without --write the table is printed; with --write it replaces what is between the
+`<!-- matrix -->` and `<!-- /matrix -->` markers in that file. Several --results files
+(e.g. from several checkouts or CI jobs) are merged; the newest line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO / ".matrix" / "results.jsonl"
+BEGIN = "<!-- matrix -->"
+END = "<!-- /matrix -->"
+COLUMNS = (
+    "server",
+    "variant",
+    "readiness path",
+    "detach path",
+    "reloads",
+    "requests",
+    "refused",
+    "failed fresh / reload",
+    "failed keep-alive / reload (by class)",
+    "notes",
+)
+
+
+def load(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The newest entry per (server, variant), sorted by server then variant."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise SystemExit(f"{path}:{number}: not JSON: {exc}") from None
+            key = (row["server"], row["variant"])
+            if key not in newest or row.get("recorded_at", "") >= newest[key].get(
+                "recorded_at", ""
+            ):
+                newest[key] = row
+    return [newest[key] for key in sorted(newest)]
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if value == int(value) else f"{value:.2f}".rstrip("0")
+
+
+def _per_reload(total: float, by_class: Mapping[str, float]) -> str:
+    if not total:
+        return "0"
+    classes = ", ".join(
+        f"{name} {_number(value)}" for name, value in sorted(by_class.items()) if value
+    )
+    return f"{_number(total)} ({classes})"
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def readiness(row: Mapping[str, Any]) -> str:
+    via = row.get("ready_via") or "?"
+    detail = row.get("ready_detail") or ""
+    return f"{via}: {detail}" if detail else via
+
+
+def render(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The markdown table (header, separator and one line per row)."""
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    for row in rows:
+        cells = [
+            row["server"],
+            row["variant"],
+            readiness(row),
+            row.get("detach_path") or "?",
+            row["reloads"],
+            f"{row['requests']:,}",
+            row["refused"],
+            _per_reload(row["failed_fresh_per_reload"], row["failed_fresh_per_reload_by_class"]),
+            _per_reload(
+                row["failed_keepalive_per_reload"],
+                row["failed_keepalive_per_reload_by_class"],
+            ),
+            row.get("notes", ""),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(document: str, table: str) -> str:
+    """Document with the text between the matrix markers replaced by table."""
+    start = document.find(BEGIN)
+    end = document.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"no '{BEGIN}' ... '{END}' section to replace")
+    return document[: start + len(BEGIN)] + "\n" + table + document[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--results",
+        type=Path,
+        action="append",
+        help=f"a results file (repeatable; default {DEFAULT_RESULTS.relative_to(REPO)})",
+    )
+    parser.add_argument("--write", type=Path, help="replace the matrix section of this file")
+    args = parser.parse_args(argv)
+    rows = load(args.results or [DEFAULT_RESULTS])
+    if not rows:
+        print("no results: run the server tests first", file=sys.stderr)
+        return 1
+    table = render(rows)
+    if args.write:
+        args.write.write_text(replace_section(args.write.read_text(), table))
+    else:
+        sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

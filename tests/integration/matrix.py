@@ -1,0 +1,139 @@
+"""The server matrix: one JSON line per server test run, rendered into docs/servers.md.
+
+Each server test under load with reloads calls `record` once, after its load has stopped.
+It appends one line to `<repo>/.matrix/results.jsonl` (set HANDOFF_MATRIX_FILE to write
+elsewhere). `bench/servers_table.py` renders the newest line per (server, variant) into
+the markdown table of docs/servers.md.
+
+A line holds the totals and, for keep-alive and fresh-connection clients separately, the
+failed requests per reload (total / reloads), overall and by failure class.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from handoff.loadgen import FailureClass, LoadStats
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / ".matrix" / "results.jsonl"
+SCHEMA = 1
+
+
+def results_path() -> Path:
+    """Where `record` appends: HANDOFF_MATRIX_FILE, else <repo>/.matrix/results.jsonl."""
+    override = os.environ.get("HANDOFF_MATRIX_FILE")
+    return Path(override) if override else RESULTS
+
+
+def _by_class(counter: Mapping[FailureClass, int]) -> dict[str, int]:
+    return {str(c): int(n) for c, n in sorted(counter.items()) if n}
+
+
+def _per_reload(counts: Mapping[str, int], reloads: int) -> dict[str, float]:
+    return {c: round(n / reloads, 3) for c, n in counts.items()}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def entry(
+    *,
+    server: str,
+    variant: str,
+    command: Sequence[str],
+    reloads: int,
+    stats: LoadStats,
+    ready_via: str,
+    ready_detail: str,
+    detach_path: str,
+    notes: str = "",
+) -> dict[str, Any]:
+    """The JSON object `record` writes (separate so that it can be checked without I/O)."""
+    if reloads <= 0:
+        raise ValueError(f"reloads must be positive, got {reloads}")
+    keepalive = _by_class(stats.failures_keepalive)
+    fresh = _by_class(stats.failures_fresh)
+    failed_keepalive = sum(keepalive.values())
+    failed_fresh = sum(fresh.values())
+    return {
+        "schema": SCHEMA,
+        "server": server,
+        "variant": variant,
+        "command": list(command),
+        "reloads": reloads,
+        "requests": stats.ok + stats.total_failures(),
+        "ok": stats.ok,
+        "ok_keepalive": stats.ok_keepalive,
+        "ok_fresh": stats.ok_fresh,
+        "refused": int(stats.failures.get(FailureClass.REFUSED, 0)),
+        "failed": stats.total_failures(),
+        "failed_keepalive": failed_keepalive,
+        "failed_fresh": failed_fresh,
+        "failed_keepalive_per_reload": round(failed_keepalive / reloads, 3),
+        "failed_fresh_per_reload": round(failed_fresh / reloads, 3),
+        "failed_keepalive_by_class": keepalive,
+        "failed_fresh_by_class": fresh,
+        "failed_keepalive_per_reload_by_class": _per_reload(keepalive, reloads),
+        "failed_fresh_per_reload_by_class": _per_reload(fresh, reloads),
+        "idle_closes": stats.idle_closes,
+        "generations_seen": len(stats.by_generation),
+        "duration_s": round(stats.duration_s() or 0.0, 3),
+        "p50_latency_ms": _rounded(stats.latency_percentile_ms(50)),
+        "p99_latency_ms": _rounded(stats.latency_percentile_ms(99)),
+        "max_latency_ms_sampled": _rounded(stats.latency_percentile_ms(100)),
+        "ready_via": ready_via,
+        "ready_detail": ready_detail,
+        "detach_path": detach_path,
+        "notes": notes,
+        "recent_errors": list(stats.recent_errors)[-5:],
+        "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "").removesuffix(" (call)"),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "argv0": sys.argv[0],
+    }
+
+
+def record(
+    *,
+    server: str,
+    variant: str,
+    command: list[str],
+    reloads: int,
+    stats: LoadStats,
+    ready_via: str,
+    ready_detail: str,
+    detach_path: str,
+    notes: str = "",
+) -> None:
+    """Append one run's measurements to the matrix results file (one JSON line)."""
+    line = entry(
+        server=server,
+        variant=variant,
+        command=command,
+        reloads=reloads,
+        stats=stats,
+        ready_via=ready_via,
+        ready_detail=ready_detail,
+        detach_path=detach_path,
+        notes=notes,
+    )
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One write of one line in append mode: concurrent test processes do not interleave.
+    data = (json.dumps(line, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
