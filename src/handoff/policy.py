@@ -29,8 +29,10 @@ class Policy:
     stable_after_s: float = 10.0
     probe_base_s: float = 0.05  # exec: probes: 0.05 s doubling to 1 s
     probe_cap_s: float = 1.0
-    scan_base_s: float = 0.005  # auto: /proc scans, cheap: 5 ms doubling to 0.2 s
-    scan_cap_s: float = 0.2
+    # auto: /proc scans cost well under a millisecond, and every millisecond between a
+    # worker accepting and it being seen is added to the reload: 5 ms doubling to 50 ms.
+    scan_base_s: float = 0.005
+    scan_cap_s: float = 0.05
     # auto: after READY=1, how long /proc may take to show a process accepting before
     # READY=1 is taken on its own word (a server that accepts in a way /proc cannot show).
     notify_grace_s: float = 2.0

@@ -1074,7 +1074,7 @@ def test_auto_scans_with_backoff_until_proc_shows_the_worker_accepting() -> None
     out = loop.start()
     pid = loop.pid(1, 0)
     assert of_type(out, act.RunProbe) == [act.RunProbe(pid=pid, gen=GenId(1), slot=0)]
-    for delay in [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2]:
+    for delay in [0.005, 0.01, 0.02, 0.04, 0.05, 0.05]:
         out = loop.feed(ev.ProbeFinished(pid=pid, ok=False, detail="accepting in 0 of 1"))
         (retry,) = of_type(out, act.StartTimer)
         assert (retry.key, retry.delay_s) == (
