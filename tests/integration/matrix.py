@@ -11,16 +11,21 @@ failed requests per reload (total / reloads), overall and by failure class.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from handoff.loadgen import FailureClass, LoadStats
+from tests.integration.harness import Event, Load, Master
+from tests.integration.http import get
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / ".matrix" / "results.jsonl"
@@ -137,3 +142,64 @@ def record(
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+# -- shared by the server matrix tests ----------------------------------------------------
+
+RELOADS = 5
+PER_RELOAD = 100  # successful requests between reloads (the load never stops)
+
+
+def listener_backlog(port: int) -> int | None:
+    """The listening socket's accept queue limit (ss's Send-Q), None without ss."""
+    if shutil.which("ss") is None:
+        return None
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return int(out[2]) if len(out) >= 3 else None
+
+
+def _summary(values: list[str]) -> str:
+    """One value if all agree, else each with its count, most common first."""
+    counts = collections.Counter(values)
+    if len(counts) == 1:
+        return values[0]
+    return ", ".join(f"{value} x{n}" for value, n in counts.most_common())
+
+
+def readiness(ready: list[Event]) -> tuple[str, str]:
+    """How the reloads' workers were proved ready: (via, most common detail)."""
+    via = _summary([str(e.get("via", "?")) for e in ready])
+    details = collections.Counter(str(e["detail"]) for e in ready if e.get("detail"))
+    return via, details.most_common(1)[0][0] if details else ""
+
+
+def detach_path(detached: list[Event]) -> str:
+    """How old workers were told to stop accepting, from worker.detached events."""
+    if not detached:
+        return "signal-only (no worker.detached event)"
+    paths = []
+    for event in detached:
+        path = str(event.get("path", "?"))
+        if path == "signal-only" and event.get("reason"):
+            path = f"signal-only ({event['reason']})"
+        paths.append(path)
+    return _summary(paths)
+
+
+def reload_under_load(master: Master, version: Path, port: int) -> tuple[Load, int]:
+    """RELOADS reloads under load; the new version answers after each. Returns (load, mark)."""
+    with Load(port) as load:
+        load.wait_for_requests(PER_RELOAD)
+        first = master.mark()
+        for number in range(1, RELOADS + 1):
+            version.write_text(f"v{number}")
+            outcome = master.reload()
+            assert outcome["event"] == "reload.succeeded", outcome
+            master.wait_for("generation.gone", where=lambda e, g=outcome["gen"] - 1: e["gen"] == g)
+            for _ in range(3):
+                status, body = get(port)
+                assert (status, body.get("version")) == (200, f"v{number}")
+            load.wait_for_requests(PER_RELOAD)
+    return load, first
