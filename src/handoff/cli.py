@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import click
 
-from handoff import __version__, config
+from handoff import __version__, commands, config
 from handoff.config import LogFormat, RunConfig, Timeouts
 from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, EXIT_USAGE, ConfigError, HandoffError
 from handoff.logs import LEVELS, configure
@@ -153,6 +153,20 @@ def cli() -> None:
     "--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the master's pid here."
 )
 @click.option(
+    "--control",
+    "control_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Control socket path. Default: $RUNTIME_DIRECTORY/handoff.sock under systemd, "
+    "else a per-user runtime path from --name (docs/control.md).",
+)
+@click.option(
+    "--control-group",
+    type=_Parsed("GROUP", config.parse_group),
+    default=None,
+    help="Also let members of this group use the control socket.",
+)
+@click.option(
     "--name", default=None, help="Name in process titles and logs. Default: COMMAND's basename."
 )
 @click.option(
@@ -174,6 +188,8 @@ def run(
     drain_timeout: float,
     settle: float,
     pidfile: str | None,
+    control_path: str | None,
+    control_group: int | None,
     name: str | None,
     log_format: str,
     log_level: str,
@@ -200,6 +216,11 @@ def run(
         stop_signal=stop_signal,
         pidfile=pidfile,
         name=name or os.path.basename(command[0]),
+        control_path=control_path
+        or config.default_control_path(
+            os.environ, os.geteuid(), name or os.path.basename(command[0])
+        ),
+        control_group=control_group,
     )
     configure(LogFormat(log_format), log_level)
     code, reason = serve(run_config)
@@ -221,6 +242,10 @@ def demo(reloads: int, workers: int) -> int:
     from handoff.demo import run_demo  # noqa: PLC0415 - keeps asyncio out of 'handoff run'
 
     return run_demo(reloads=reloads, workers=workers, out=sys.stdout)
+
+
+for _command in (commands.reload, commands.status, commands.stop, commands.scale):
+    cli.add_command(_command)
 
 
 def main() -> NoReturn:

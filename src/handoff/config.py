@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -202,3 +203,28 @@ class RunConfig:
     stop_signal: signal.Signals
     pidfile: str | None
     name: str
+    control_path: str | None = None
+    control_group: int | None = None
+
+
+def parse_group(text: str) -> int:
+    """A group name or number, as its gid."""
+    import grp  # noqa: PLC0415 - reads /etc/group: the one lookup config.py does
+
+    if text.isascii() and text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"'{text}': no such group") from None
+
+
+def default_control_path(environ: Mapping[str, str], uid: int, name: str) -> str:
+    """Where the control socket goes when --control is not given (docs/control.md)."""
+    if environ.get("RUNTIME_DIRECTORY"):
+        # systemd may list several directories, separated by ':'; the first is ours.
+        return f"{environ['RUNTIME_DIRECTORY'].split(':')[0]}/handoff.sock"
+    if environ.get("XDG_RUNTIME_DIR"):
+        return f"{environ['XDG_RUNTIME_DIR']}/handoff/{name}.handoff.sock"
+    # A 0700 directory that must belong to the user (master.py checks).
+    return f"/tmp/handoff-{uid}/{name}.handoff.sock"  # noqa: S108

@@ -30,6 +30,15 @@ class StopRequested:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ScaleRequested:
+    """Set the workers per generation (workers), or change it by delta (TTIN/TTOU)."""
+
+    source: str
+    workers: int | None = None
+    delta: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardRequested:
     """A signal the master passes on to every live worker (USR1: reopen logs)."""
 
@@ -85,6 +94,7 @@ Event = (
     Started
     | ReloadRequested
     | StopRequested
+    | ScaleRequested
     | ForwardRequested
     | WorkerSpawned
     | SpawnFailed

@@ -9,9 +9,11 @@ the returned actions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from handoff import actions as act
 from handoff import children, proc, scan
 from handoff import events as ev
 from handoff.config import ReadyMode, RunConfig
+from handoff.control import ControlServer
 from handoff.detach import detach
 from handoff.errors import EXIT_FAILURE, SpawnError
 from handoff.logs import emit
@@ -37,6 +40,7 @@ from handoff.protocol import (
 )
 from handoff.signals import SignalInbox
 from handoff.sockets import Listener
+from handoff.status import build_status
 from handoff.timers import Timers
 from handoff.warden import Warden
 
@@ -51,6 +55,8 @@ class Source(Enum):
     NOTIFY = auto()
     PROBE = auto()
     WARDEN = auto()
+    CONTROL = auto()
+    CLIENT = auto()
 
 
 NO_PID: Final = Pid(0)
@@ -60,6 +66,7 @@ NO_PID: Final = Pid(0)
 class Watch:
     source: Source
     pid: Pid = NO_PID
+    fd: int = -1  # a control client's socket
 
 
 @dataclass(slots=True)
@@ -97,6 +104,13 @@ class MasterLoop:
         # inode -> the master's fd: how /proc names our sockets in a worker's tables.
         self._listener_inodes = {os.fstat(lst.fileno()).st_ino: lst.fileno() for lst in listeners}
         self._proc_unreadable = False
+        self._listening_ports = frozenset(
+            lst.sock.getsockname()[1]
+            for lst in listeners
+            if lst.sock.family in (socket.AF_INET, socket.AF_INET6)
+        )
+        self._started_at = clock()
+        self._control: ControlServer | None = None
         self._timers = Timers()
         self._selector = selectors.DefaultSelector()
         self._workers: dict[Pid, children.Child] = {}
@@ -111,6 +125,7 @@ class MasterLoop:
     def run(self) -> int:
         """Run until the machine says exit; return the exit code."""
         self._notify = NotifyServer()
+        self._control = self._open_control()
         self._selector.register(self._inbox.fileno(), selectors.EVENT_READ, Watch(Source.SIGNALS))
         self._selector.register(self._notify.fileno(), selectors.EVENT_READ, Watch(Source.NOTIFY))
         self._selector.register(self._warden.pidfd, selectors.EVENT_READ, Watch(Source.WARDEN))
@@ -124,14 +139,23 @@ class MasterLoop:
         return self._exit.code
 
     def _turn(self) -> None:
-        deadline = self._timers.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        deadlines = [d for d in (self._timers.next_deadline(), self._control_deadline()) if d]
+        timeout = None if not deadlines else max(0.0, min(deadlines) - self._clock())
         ready = self._selector.select(timeout)
-        watches = sorted((key.data for key, _ in ready), key=lambda w: w.source.value)
-        for watch in watches:
+        for selected, mask in sorted(ready, key=lambda item: item[0].data.source.value):
             if self._exit is not None:
                 return
-            self._on_ready(watch)
+            watch: Watch = selected.data
+            if watch.source is Source.CLIENT and self._control is not None:
+                readable, writable = (
+                    bool(mask & selectors.EVENT_READ),
+                    bool(mask & selectors.EVENT_WRITE),
+                )
+                self._control.on_client(watch.fd, readable, writable)
+            else:
+                self._on_ready(watch)
+        if self._control is not None:
+            self._control.expire(self._clock())
         for key in self._timers.pop_due(self._clock()):
             if self._exit is not None:
                 return
@@ -149,6 +173,11 @@ class MasterLoop:
                 self._on_notify()
             case Source.PROBE:
                 self._on_probe_exit(watch.pid)
+            case Source.CONTROL:
+                assert self._control is not None
+                self._control.on_listener()
+            case Source.CLIENT:
+                pass  # handled in _turn, which knows the readiness mask
             case Source.WARDEN:
                 self._selector.unregister(self._warden.pidfd)
                 emit(
@@ -167,7 +196,11 @@ class MasterLoop:
                 self._feed(ev.StopRequested(fast=True, source=sig.name))
             case signal.SIGUSR1:
                 self._feed(ev.ForwardRequested(signal=sig))
-            case signal.SIGUSR2 | signal.SIGTTIN | signal.SIGTTOU:
+            case signal.SIGTTIN:
+                self._feed(ev.ScaleRequested(source=sig.name, delta=1))
+            case signal.SIGTTOU:
+                self._feed(ev.ScaleRequested(source=sig.name, delta=-1))
+            case signal.SIGUSR2:
                 emit("signal.ignored", "warning", signal=sig.name, reason="not supported yet")
             case signal.SIGCHLD:
                 tracked = {
@@ -196,9 +229,58 @@ class MasterLoop:
             emit("stray.killed", "warning", pid=pid)
         if self._notify is not None:
             self._notify.close()
+        if self._control is not None:
+            self._control.close()
         self._selector.close()
         if self._exit is None:
             self._exit = act.Exit(code=EXIT_FAILURE, reason="internal error")
+
+    # -- the control socket ------------------------------------------------------------
+
+    def _open_control(self) -> ControlServer | None:
+        path = self._config.control_path
+        if path is None:
+            return None
+        control = ControlServer(
+            path,
+            group=self._config.control_group,
+            submit=self._feed,
+            status=self._status,
+            state=lambda: self._machine.state,
+            scale_target=lambda: self._machine.workers_target,
+            clock=self._clock,
+            watch=self._watch_client,
+            unwatch=self._unwatch_client,
+        )
+        self._selector.register(control.fileno(), selectors.EVENT_READ, Watch(Source.CONTROL))
+        emit("control.listening", path=path)
+        return control
+
+    def _watch_client(self, fd: int, write: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        watch = Watch(Source.CLIENT, fd=fd)
+        try:
+            self._selector.modify(fd, events, watch)
+        except KeyError:
+            self._selector.register(fd, events, watch)
+
+    def _unwatch_client(self, fd: int) -> None:
+        with contextlib.suppress(KeyError):
+            self._selector.unregister(fd)
+
+    def _control_deadline(self) -> float | None:
+        return self._control.next_deadline() if self._control is not None else None
+
+    def _status(self) -> dict[str, object]:
+        return build_status(
+            machine=self._machine,
+            config=self._config,
+            listeners=self._listeners,
+            ports=self._listening_ports,
+            started_at=self._started_at,
+            now=self._clock(),
+            control_path=self._config.control_path or "",
+        )
 
     # -- feeding the machine ------------------------------------------------------------
 
@@ -228,6 +310,8 @@ class MasterLoop:
                 self._cancel_probe(pid)
             case act.Report(event=name, level=level, fields=fields):
                 emit(name, level, **fields)
+                if self._control is not None:
+                    self._control.on_report(name, fields)
             case act.Exit(reason=reason):
                 self._exit = action
                 self.exit_reason = reason

@@ -14,6 +14,8 @@ worker at most once; a worker is forgotten exactly once, when its exit is report
 
 from __future__ import annotations
 
+from typing import Final
+
 from handoff import actions as act
 from handoff import events as ev
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
@@ -30,6 +32,9 @@ from handoff.model import (
 from handoff.policy import Policy, ReloadOutcome, backoff
 from handoff.readiness import Readiness
 from handoff.timers import TimerKey, TimerKind
+
+MIN_WORKERS: Final = 1
+MAX_WORKERS: Final = 1024
 
 
 class InvalidTransition(AssertionError):
@@ -59,6 +64,7 @@ class Supervisor:
         self._reload_pending = False
         self._reload_started_at = 0.0
         self._readiness = Readiness(policy)
+        self.workers_target = policy.workers  # per generation; scale changes it
         self._fast_stop = False
         self._exit: act.Exit | None = None
         self._exited = False
@@ -86,6 +92,8 @@ class Supervisor:
                 self._on_reload_requested(source, now, out)
             case ev.StopRequested(fast=fast, source=source):
                 self._on_stop_requested(fast, source, now, out)
+            case ev.ScaleRequested(source=source, workers=workers, delta=delta):
+                self._on_scale(source, workers, delta, now, out)
             case ev.ForwardRequested(signal=sig):
                 for pid in self._workers:
                     out.append(act.SendSignal(pid=pid, signal=sig))
@@ -113,7 +121,7 @@ class Supervisor:
         gen = Generation(
             id=GenId(self._next_gen),
             state=GenerationState.STARTING,
-            size=self.policy.workers,
+            size=self.workers_target,
             started_at=now,
         )
         self._next_gen += 1
@@ -131,12 +139,43 @@ class Supervisor:
         out.append(_report("generation.active", gen=gen.id, workers=gen.size, duration_s=duration))
         if previous is not None:
             self._drain(previous, "replaced", now, out)
+        if gen.size != self.workers_target:
+            self._resize(gen, out)  # scaled while it was starting
         if self.state is MasterState.STARTING:
             self.state = MasterState.RUNNING
             out.append(_report("master.ready", gen=gen.id))
             self._run_pending_reload(now, out)
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=True, reason="", now=now, out=out)
+
+    def _on_scale(
+        self, source: str, workers: int | None, delta: int, now: float, out: list[act.Action]
+    ) -> None:
+        if self.state is MasterState.STOPPING:
+            out.append(_report("scale.refused", "warning", source=source, reason="stopping"))
+            return
+        was = self.workers_target
+        wanted = workers if workers is not None else was + delta
+        self.workers_target = max(MIN_WORKERS, min(MAX_WORKERS, wanted))
+        out.append(_report("master.scaled", workers=self.workers_target, was=was, source=source))
+        active = self.generation_in(GenerationState.ACTIVE)
+        if active is not None:
+            self._resize(active, out)
+
+    def _resize(self, gen: Generation, out: list[act.Action]) -> None:
+        """Bring a serving generation to workers_target: spawn new slots, retire the highest."""
+        old, new = gen.size, self.workers_target
+        gen.size = new
+        out.append(_report("generation.resized", gen=gen.id, workers=new, was=old))
+        for slot in range(old, new):
+            if slot not in gen.spawning:
+                self._spawn(gen, slot, out)
+        for slot in [s for s in gen.respawn_pending if s >= new]:
+            gen.respawn_pending.discard(slot)
+            out.append(act.CancelTimer(key=TimerKey(TimerKind.RESPAWN, gen.id, slot)))
+        for worker in gen.live_workers():
+            if worker.slot >= new:
+                self._stop_worker(worker, out)  # drained like an old worker, not respawned
 
     def _fail(self, gen: Generation, reason: str, now: float, out: list[act.Action]) -> None:
         self._require_gen(gen, GenerationState.STARTING)
@@ -424,7 +463,10 @@ class Supervisor:
                 if gen is None or key.slot not in gen.respawn_pending:
                     return
                 gen.respawn_pending.discard(key.slot)
-                if gen.state is GenerationState.ACTIVE and self.state is not MasterState.STOPPING:
+                serving = (
+                    gen.state is GenerationState.ACTIVE and self.state is not MasterState.STOPPING
+                )
+                if serving and key.slot < gen.size:
                     self._spawn(gen, key.slot, out)
                 else:
                     self._check_gone(gen, out)

@@ -27,6 +27,8 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
     expand_placeholders(run_config.command, len(run_config.binds))  # validate {fdN} early
     children.check_platform()
     # The warden is forked before any socket exists, so it never holds the port.
+    if run_config.control_path is not None:
+        _prepare_control_directory(run_config.control_path)
     warden = start_warden(run_config.name)
     inbox = SignalInbox()
     listeners = []
@@ -99,3 +101,21 @@ def _remove_pidfile(path: str | None) -> None:
             if int(f.read().strip()) != os.getpid():
                 return  # a successor's pidfile
         os.unlink(path)
+
+
+def _prepare_control_directory(path: str) -> None:
+    """Create the control socket's directory (0700) if missing; refuse one we do not own."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        owner = os.stat(directory).st_uid
+    except OSError as exc:
+        raise HandoffError(
+            f"cannot create the control socket directory {directory}: {exc.strerror}",
+            hint="choose another place with --control PATH",
+        ) from None
+    if owner not in (os.geteuid(), 0):
+        raise HandoffError(
+            f"the control socket directory {directory} belongs to another user",
+            hint="choose another place with --control PATH",
+        )

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import psutil
 import setproctitle
@@ -91,3 +92,34 @@ def kill_and_reap_strays(tracked: Collection[Pid]) -> list[Pid]:
 
 def set_title(title: str) -> None:
     setproctitle.setproctitle(title)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeUsage:
+    processes: int
+    cpu_s: float
+    rss_bytes: int
+    connections: int  # established TCP connections on the listening ports
+
+
+def tree_usage(pid: Pid, ports: Collection[int]) -> TreeUsage:
+    """CPU, memory and connections of pid's whole process tree (for status)."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return TreeUsage(0, 0.0, 0, 0)
+    cpu = 0.0
+    rss = 0
+    connections = 0
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            cpu += times.user + times.system
+            rss += process.memory_info().rss
+            connections += sum(
+                1
+                for c in process.net_connections("tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port in ports
+            )
+    return TreeUsage(len(tree), round(cpu, 2), rss, connections)

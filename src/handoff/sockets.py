@@ -102,7 +102,7 @@ def _open_tcp(spec: BindSpec, backlog: int) -> Listener:
 
 def _open_unix(spec: BindSpec, backlog: int) -> Listener:
     path = spec.path
-    _remove_stale_unix_socket(spec)
+    remove_stale_unix_socket(path, spec.text)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -119,29 +119,30 @@ def _open_unix(spec: BindSpec, backlog: int) -> Listener:
     )
 
 
-def _remove_stale_unix_socket(spec: BindSpec) -> None:
+def remove_stale_unix_socket(path: str, what: str) -> None:
+    """Remove path if it is a socket nobody listens on; refuse anything else there."""
     try:
-        mode = os.lstat(spec.path).st_mode
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _bind_error(spec, exc) from None
+        raise BindError(f"cannot bind {what}: {exc.strerror}") from None
     if not stat.S_ISSOCK(mode):
         raise BindError(
-            f"cannot bind {spec.text}: the path exists and is not a socket",
+            f"cannot bind {what}: the path exists and is not a socket",
             hint="choose another path; handoff only replaces stale socket files",
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(spec.path)
+        probe.connect(path)
     except OSError:
-        os.unlink(spec.path)  # nobody listens: a stale socket left by a crashed process
+        os.unlink(path)  # nobody listens: a stale socket left by a crashed process
         return
     finally:
         probe.close()
     raise BindError(
-        f"cannot bind {spec.text}: address already in use (a process is listening on it)",
-        hint="stop the other server, or choose another path",
+        f"cannot bind {what}: address already in use (a process is listening on it)",
+        hint="stop the other process, or choose another path",
     )
 
 

@@ -247,13 +247,19 @@ def test_a_missing_command_is_a_usage_error_before_anything_is_bound() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_reserved_signals_neither_kill_nor_suspend_the_master(tmp_path: Path) -> None:
+def test_ttin_ttou_scale_and_usr2_neither_kills_nor_suspends_the_master(tmp_path: Path) -> None:
     with running(["sleep", "1000"], args=["--ready", "delay:0"]) as master:
         master.wait_ready()
-        for sig in (signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+        mark = master.mark()
+        master.signal(signal.SIGUSR2)
+        assert master.wait_for("signal.ignored", 10, after=mark)["signal"] == "SIGUSR2"
+        for sig, workers in ((signal.SIGTTIN, 2), (signal.SIGTTIN, 3), (signal.SIGTTOU, 2)):
             mark = master.mark()
             master.signal(sig)
-            assert master.wait_for("signal.ignored", 10, after=mark)["signal"] == sig.name
+            scaled = master.wait_for("master.scaled", 10, after=mark)
+            assert (scaled["workers"], scaled["source"]) == (workers, sig.name)
+        assert len(master.live_workers()) >= 2
+        master.wait_for("worker.exited", 10, where=lambda e: e["worker"] == 2 and e["expected"])
         assert master.reload()["event"] == "reload.succeeded"
         master.signal(signal.SIGTERM)
         assert master.wait_exit(30) == 0

@@ -9,10 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ROOT / "src" / "handoff"
 # Modules of the master process; the demo and load tools print their own output.
-MASTER_MODULES = ("machine", "readiness", "loop", "master", "cli")
+MASTER_MODULES = ("machine", "readiness", "loop", "master", "cli", "control")
 # An event name is a string literal "noun.past_verb" whose noun is one of these.
 EVENT_NAME = re.compile(
-    r"^(master|listener|generation|worker|reload|readiness|signal|notify|stray|warden)\.[a-z_]+$"
+    r"^(master|listener|generation|worker|reload|readiness|scale|control|signal|notify|stray|warden)\.[a-z_]+$"
 )
 
 

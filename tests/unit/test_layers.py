@@ -29,6 +29,7 @@ LAYERS: Final[dict[str, int]] = {
     "machine": 0,
     "protocol": 0,
     "procfs": 0,
+    "controlwire": 0,
     # Layer 1: OS mechanics, one kernel facility each.
     "sockets": 1,
     "signals": 1,
@@ -42,6 +43,10 @@ LAYERS: Final[dict[str, int]] = {
     "loop": 2,
     "cli": 2,
     "master": 2,
+    "control": 2,
+    "status": 2,
+    "client": 2,
+    "commands": 2,
     "logs": 2,
     "demo": 2,
     "demoapp": 2,
