@@ -1153,3 +1153,58 @@ def test_a_worker_that_exits_while_it_settles_gets_no_signal() -> None:
     assert act.CancelTimer(key=TimerKey(TimerKind.SETTLE, old)) in out
     assert not of_type(loop.advance(1), act.SendSignal)
     assert not loop.dead_targets
+
+
+# -- scale ----------------------------------------------------------------------------------
+
+
+def test_scale_up_spawns_the_new_slots_into_the_serving_generation() -> None:
+    loop = started(workers=2)
+    out = loop.feed(ev.ScaleRequested(source="control", workers=4))
+    assert report(out, "master.scaled").fields == {"workers": 4, "was": 2, "source": "control"}
+    assert spawns(out) == [(1, 2), (1, 3)]
+    assert loop.machine.generations[GenId(1)].size == 4
+    for pid in loop.pids(1)[2:]:
+        loop.ready(pid)
+    loop.reload()
+    assert len(loop.pids(2)) == 4  # later generations have the new size too
+
+
+def test_scale_down_drains_the_highest_slots_and_does_not_respawn_them() -> None:
+    loop = started(workers=3)
+    keep, also_keep, highest = (loop.pid(1, slot) for slot in range(3))
+    out = loop.feed(ev.ScaleRequested(source="control", workers=2))
+    assert act.DetachListeners(pid=highest) in out
+    assert of_type(out, act.SendSignal) == [act.SendSignal(pid=highest, signal=STOP)]
+    out = loop.exit(highest)
+    assert report(out, "worker.exited").fields["expected"] is True
+    assert not spawns(loop.advance(60))
+    assert set(loop.pids(1)) == {keep, also_keep}
+
+
+def test_ttin_and_ttou_change_the_count_by_one_and_never_below_one() -> None:
+    loop = started(workers=1)
+    loop.feed(ev.ScaleRequested(source="SIGTTIN", delta=1))
+    assert loop.machine.workers_target == 2
+    loop.feed(ev.ScaleRequested(source="SIGTTOU", delta=-1))
+    out = loop.feed(ev.ScaleRequested(source="SIGTTOU", delta=-1))
+    assert loop.machine.workers_target == 1
+    assert report(out, "master.scaled").fields["was"] == 1
+
+
+def test_a_generation_scaled_while_it_starts_is_resized_when_it_becomes_active() -> None:
+    loop = started(workers=2)
+    loop.reload()
+    loop.feed(ev.ScaleRequested(source="control", workers=3))
+    for pid in loop.pids(2):
+        out = loop.ready(pid)
+    assert "generation.resized" in names(out)
+    assert (2, 2) in spawns(out)
+
+
+def test_scale_is_refused_while_stopping() -> None:
+    loop = started(workers=2)
+    loop.stop()
+    out = loop.feed(ev.ScaleRequested(source="control", workers=5))
+    assert report(out, "scale.refused").fields["reason"] == "stopping"
+    assert not spawns(out)

@@ -117,6 +117,14 @@ class SupervisorRules(RuleBasedStateMachine):
         self.loop.reload()
 
     @precondition(running)
+    @rule(workers=st.integers(1, 4), delta=st.sampled_from([0, 1, -1]))
+    def scale(self, workers: int, delta: int) -> None:
+        if delta:
+            self.loop.feed(ev.ScaleRequested(source="SIGTTIN", delta=delta))
+        else:
+            self.loop.feed(ev.ScaleRequested(source="control", workers=workers))
+
+    @precondition(running)
     @rule(source=st.sampled_from(["SIGTERM", "SIGINT", "SIGQUIT"]), dice=st.integers(0, 3))
     def stop(self, source: str, dice: int) -> None:
         if dice != 0:
