@@ -154,8 +154,14 @@ def run_demo(
         version_file = Path(scratch) / "version"
         _write_version(version_file, "release-1")
 
+        control = str(Path(scratch) / "handoff.sock")
+
         def before_reload(number: int) -> None:
             _write_version(version_file, f"release-{number + 1}")
+
+        def show_status() -> None:
+            out.write(f"\n$ handoff status --control {control}\n")
+            out.write(_status_table(control) + "\n\n")
 
         config = DrillConfig(
             command=(sys.executable, "-m", "handoff.demoapp", "--version-file", str(version_file)),
@@ -163,6 +169,8 @@ def run_demo(
             reloads=reloads,
             settle_s=seconds_between,
             before_reload=before_reload,
+            control_path=control,
+            after_reloads=show_status,
         )
         display = _Display(out)
         out.write(
@@ -178,3 +186,15 @@ def run_demo(
     out.write("\n".join(_summary(result, workers)) + "\n")
     out.flush()
     return 0 if result.ok() else 1
+
+
+def _status_table(control: str) -> str:
+    """What `handoff status` prints, asked over the same control socket."""
+    from handoff.client import exchange  # noqa: PLC0415
+    from handoff.commands import render_status  # noqa: PLC0415
+
+    for line in exchange(control, {"cmd": "status"}, 10.0):
+        report = line.get("status")
+        if isinstance(report, dict):
+            return render_status(report)
+    return "(no status)"

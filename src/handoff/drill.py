@@ -58,6 +58,10 @@ class DrillConfig:
     stop_timeout_s: float = 60.0
     env: Mapping[str, str] | None = None  # added to (and overriding) our environment
     before_reload: Callable[[int], None] | None = None  # called with the reload number
+    # Reload through this control socket (as `handoff reload --wait` does) instead of
+    # SIGHUP, showing its progress lines; None: SIGHUP.
+    control_path: str | None = None
+    after_reloads: Callable[[], None] | None = None  # called once the last reload settled
 
 
 @dataclass(slots=True, kw_only=True)
@@ -234,18 +238,55 @@ class _MasterOutput:
 
 
 def _master_argv(config: DrillConfig) -> list[str]:
-    fixed = ("--log-format", "json", "--bind", "127.0.0.1:0", "--workers", str(config.workers))
+    fixed: tuple[str, ...] = (
+        *("--log-format", "json", "--bind", "127.0.0.1:0", "--workers", str(config.workers)),
+        *(("--control", config.control_path) if config.control_path is not None else ()),
+    )
     return [
         *(sys.executable, "-m", "handoff", "run", *fixed, "--ready", config.ready),
         *(*config.extra_args, "--", *config.command),
     ]
 
 
+async def _ask_reload(
+    config: DrillConfig,
+    process: asyncio.subprocess.Process,
+    output: _MasterOutput,
+    number: int,
+    say: Callable[[str], None],
+) -> ReloadRecord:
+    """One reload, by SIGHUP or over the control socket; its record from the events."""
+    if config.control_path is None:
+        say(f"reload {number}: SIGHUP")
+        return await _reload(process, output, number, config.reload_timeout_s)
+    say(f"reload {number}: handoff reload --wait")
+    asked = asyncio.to_thread(_control_reload, config.control_path, say, config.reload_timeout_s)
+    record, _ = await asyncio.gather(
+        _reload(process, output, number, config.reload_timeout_s, signal_it=False), asked
+    )
+    return record
+
+
+def _control_reload(path: str, say: Callable[[str], None], timeout_s: float) -> None:
+    """Ask for a reload over the control socket and show its progress lines."""
+    from handoff.client import exchange  # noqa: PLC0415
+
+    for line in exchange(path, {"cmd": "reload", "wait": True}, timeout_s):
+        if line.get("type") == "progress":
+            say(f"  {line.get('message')}")
+
+
 async def _reload(
-    process: asyncio.subprocess.Process, output: _MasterOutput, number: int, timeout_s: float
+    process: asyncio.subprocess.Process,
+    output: _MasterOutput,
+    number: int,
+    timeout_s: float,
+    *,
+    signal_it: bool = True,
 ) -> ReloadRecord:
     hup_at = time.monotonic()
-    process.send_signal(signal.SIGHUP)
+    if signal_it:
+        process.send_signal(signal.SIGHUP)
     outcomes = frozenset({"reload.succeeded", "reload.failed"})
     try:
         event = await output.next_event(outcomes, hup_at + timeout_s, "reload outcome")
@@ -348,14 +389,15 @@ async def run_drill(
             await output.watch(config.settle_s)
             if config.before_reload is not None:
                 config.before_reload(number)
-            say(f"reload {number}: SIGHUP")
-            record = await _reload(process, output, number, config.reload_timeout_s)
+            record = await _ask_reload(config, process, output, number, say)
             records.append(record)
             outcome = "ok" if record.ok else f"FAILED ({record.reason})"
             say(f"reload {number}: generation {record.gen} {outcome} in {record.observed_s:.2f} s")
             if record.gen is None:
                 break  # the master is in an unknown state: more reloads prove nothing
         await output.watch(config.settle_s)
+        if config.after_reloads is not None:
+            await asyncio.to_thread(config.after_reloads)
 
         stop.set()
         stats = await asyncio.wait_for(load_task, config.request_timeout_s + _KILL_WAIT_S)
