@@ -25,13 +25,13 @@ def _locating(command: F) -> F:
         click.option("--name", default=None, help="The master's --name (default paths)."),
         click.option(
             "--pidfile",
-            type=click.Path(dir_okay=False),
+            type=click.Path(dir_okay=False, readable=False),
             default=None,
             help="The master's --pidfile.",
         ),
         click.option(
             "--control",
-            type=click.Path(dir_okay=False),
+            type=click.Path(dir_okay=False, readable=False),
             default=None,
             help="The master's control socket.",
         ),

@@ -121,7 +121,8 @@ class ControlServer:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, fd = heapq.heappop(self._deadlines)
             client = self._clients.get(fd)
-            if client is not None and not client.answered:
+            # The fd may belong to a newer client by now: its own deadline decides.
+            if client is not None and not client.answered and client.deadline <= now:
                 self._fail(fd, client, f"no request within {REQUEST_DEADLINE_S:g} s")
 
     def on_listener(self) -> None:

@@ -109,6 +109,23 @@ class Master:
                     raise AssertionError(self.diagnose(f"no {name} event within {timeout} s"))
                 self._changed.wait(remaining)
 
+    def wait_for_any(
+        self, where: Callable[[Event], bool], timeout: float = 30.0, *, after: int = 0
+    ) -> Event:
+        """The first event, whatever its name, at index >= after matching `where`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for event in self.events[after:]:
+                    if where(event):
+                        return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (
+                    self.process.poll() is not None and not self._reader.is_alive()
+                ):
+                    raise AssertionError(self.diagnose(f"no matching event within {timeout} s"))
+                self._changed.wait(remaining)
+
     def mark(self) -> int:
         """An index to wait for events logged from now on."""
         with self._changed:
