@@ -208,7 +208,7 @@ def run(
         )
     run_config = RunConfig(
         command=command,
-        binds=binds or (config.parse_bind(config.DEFAULT_BIND),),
+        binds=binds,
         backlog=backlog,
         workers=workers,
         ready=ready,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Final
 
 from handoff.errors import ConfigError
 
-BIND_FORMS: Final = "HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N"
+BIND_FORMS: Final = "HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N, fd:NAME"
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 
 
@@ -36,6 +37,7 @@ class BindSpec:
     port: int = 0
     path: str = ""
     fd: int = -1
+    name: str = ""  # fd:NAME, a socket systemd passed with that name
 
     @property
     def is_ipv6(self) -> bool:
@@ -53,9 +55,14 @@ def parse_bind(text: str) -> BindSpec:
         return BindSpec(kind=BindKind.UNIX, text=text, path=path)
     if text.startswith("fd:"):
         number = text.removeprefix("fd:")
-        if not _is_decimal(number):
-            raise ConfigError(f"'{text}': fd: needs a file descriptor number (forms: {BIND_FORMS})")
-        return BindSpec(kind=BindKind.FD, text=text, fd=int(number))
+        if _is_decimal(number):
+            return BindSpec(kind=BindKind.FD, text=text, fd=int(number))
+        if not _NAME.fullmatch(number):
+            raise ConfigError(
+                f"'{text}': fd: needs a file descriptor number or a socket name "
+                f"(forms: {BIND_FORMS})"
+            )
+        return BindSpec(kind=BindKind.FD, text=text, name=number)
     host, port_text = _split_host_port(text)
     if not _is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"'{text}': port must be an integer 0-65535 (forms: {BIND_FORMS})")
@@ -87,6 +94,11 @@ def _split_host_port(text: str) -> tuple[str, str]:
             f"'{text}': put IPv6 addresses in brackets, [V6]:PORT (forms: {BIND_FORMS})"
         )
     return host or "0.0.0.0", port  # noqa: S104 - ':PORT' means every interface, as in gunicorn
+
+
+# A systemd socket name (FileDescriptorName=): printable ASCII without ':'; we also want
+# it to start like a name, so that fd:-1 is not taken for one.
+_NAME: Final = re.compile(r"[A-Za-z_][!-9;-~]{0,254}")
 
 
 def _is_decimal(text: str) -> bool:

@@ -38,9 +38,11 @@ from handoff.protocol import (
     names_sockets_in_argv,
     worker_environment,
 )
+from handoff.sdnotify import SystemdNotifier, monotonic_usec, watchdog_interval
 from handoff.signals import SignalInbox
 from handoff.sockets import Listener
 from handoff.status import build_status
+from handoff.systemdstate import messages_for, status_text
 from handoff.timers import Timers
 from handoff.warden import Warden
 
@@ -111,6 +113,10 @@ class MasterLoop:
         )
         self._started_at = clock()
         self._control: ControlServer | None = None
+        # systemd's notify socket is the master's own business: workers never get it.
+        self._systemd = SystemdNotifier.from_environment(environ)
+        self._watchdog_every = watchdog_interval(environ) if self._systemd else None
+        self._watchdog_next = clock() if self._watchdog_every else None
         self._timers = Timers()
         self._selector = selectors.DefaultSelector()
         self._workers: dict[Pid, children.Child] = {}
@@ -139,7 +145,11 @@ class MasterLoop:
         return self._exit.code
 
     def _turn(self) -> None:
-        deadlines = [d for d in (self._timers.next_deadline(), self._control_deadline()) if d]
+        deadlines = [
+            d
+            for d in (self._timers.next_deadline(), self._control_deadline(), self._watchdog_next)
+            if d is not None
+        ]
         timeout = None if not deadlines else max(0.0, min(deadlines) - self._clock())
         ready = self._selector.select(timeout)
         for selected, mask in sorted(ready, key=lambda item: item[0].data.source.value):
@@ -156,6 +166,7 @@ class MasterLoop:
                 self._on_ready(watch)
         if self._control is not None:
             self._control.expire(self._clock())
+        self._keep_watchdog_happy()
         for key in self._timers.pop_due(self._clock()):
             if self._exit is not None:
                 return
@@ -268,6 +279,22 @@ class MasterLoop:
         with contextlib.suppress(KeyError):
             self._selector.unregister(fd)
 
+    def _tell_systemd(self, event: str) -> None:
+        if self._systemd is None:
+            return
+        message = messages_for(event, monotonic_usec())
+        if message is not None:
+            self._systemd.send({**message, "STATUS": status_text(self._machine)})
+
+    def _keep_watchdog_happy(self) -> None:
+        # Sent from the loop itself: a stuck loop stops the keep-alives and systemd notices.
+        if self._watchdog_next is None or self._watchdog_every is None or self._systemd is None:
+            return
+        now = self._clock()
+        if now >= self._watchdog_next:
+            self._systemd.send({"WATCHDOG": "1"})
+            self._watchdog_next = now + self._watchdog_every
+
     def _control_deadline(self) -> float | None:
         return self._control.next_deadline() if self._control is not None else None
 
@@ -312,6 +339,7 @@ class MasterLoop:
                 emit(name, level, **fields)
                 if self._control is not None:
                     self._control.on_report(name, fields)
+                self._tell_systemd(name)
             case act.Exit(reason=reason):
                 self._exit = action
                 self.exit_reason = reason

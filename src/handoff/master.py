@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 
-from handoff import children, config
+from handoff import activation, children
 from handoff.config import RunConfig
 from handoff.errors import HandoffError
 from handoff.logs import emit
 from handoff.loop import MasterLoop
 from handoff.protocol import expand_placeholders
+from handoff.sdnotify import SystemdNotifier
 from handoff.signals import SignalInbox
-from handoff.sockets import close_listeners, default_backlog, open_listeners
+from handoff.sockets import Listener, close_listeners, default_backlog, open_listeners
 from handoff.warden import start_warden
 
 
 def serve(run_config: RunConfig) -> tuple[int, str]:
     """Own the sockets and run the master loop until it exits; return (exit code, reason)."""
-    expand_placeholders(run_config.command, len(run_config.binds))  # validate {fdN} early
+    passed = activation.passed_sockets(os.environ, os.getpid())
+    specs = activation.resolve(run_config.binds, passed)
+    expand_placeholders(run_config.command, len(specs))  # validate {fdN} early
     children.check_platform()
     # The warden is forked before any socket exists, so it never holds the port.
     if run_config.control_path is not None:
@@ -33,13 +37,12 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
     inbox = SignalInbox()
     listeners = []
     try:
-        listeners = open_listeners(run_config.binds, run_config.backlog or default_backlog())
+        listeners = open_listeners(specs, run_config.backlog or default_backlog())
+        for name in activation.close_unused(passed, specs):
+            emit("listener.unused", name=name, reason="no --bind took this socket systemd passed")
         for index, listener in enumerate(listeners):
-            port = (
-                listener.sock.getsockname()[1]
-                if listener.spec.kind != config.BindKind.UNIX
-                else None
-            )
+            inet = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
+            port = listener.sock.getsockname()[1] if inet else None
             emit(
                 "listener.bound",
                 address=listener.address,
@@ -47,6 +50,7 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
                 name=listener.name,
                 port=port,
             )
+        _store_listeners(listeners)
         _write_pidfile(run_config.pidfile)
         children.become_subreaper()
         emit(
@@ -119,3 +123,24 @@ def _prepare_control_directory(path: str) -> None:
             f"the control socket directory {directory} belongs to another user",
             hint="choose another place with --control PATH",
         )
+
+
+def _store_listeners(listeners: list[Listener]) -> None:
+    """Under systemd, keep a copy of each listener we bound in its fd store.
+
+    A crashed or restarted master then gets the same sockets back (with
+    FileDescriptorStoreMax= > 0 in the unit): the port never closes. Sockets a .socket
+    unit passed are systemd's already.
+    """
+    notifier = SystemdNotifier.from_environment(os.environ)
+    if notifier is None:
+        return
+    try:
+        for listener in listeners:
+            if listener.spec.name and not listener.spec.name.startswith(activation.STORE_PREFIX):
+                continue
+            name = activation.store_name(listener.spec)
+            if notifier.store_fd(listener.fileno(), name):
+                emit("listener.stored", address=listener.address, name=name)
+    finally:
+        notifier.close()

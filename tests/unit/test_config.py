@@ -74,9 +74,9 @@ def test_is_ipv6() -> None:
         ("host:-1", "port must be an integer 0-65535"),
         (":", "port must be an integer 0-65535"),
         ("unix:", "unix: needs a path"),
-        ("fd:x", "fd: needs a file descriptor number"),
+        ("fd:x:y", "fd: needs a file descriptor number or a socket name"),
         ("fd:", "fd: needs a file descriptor number"),
-        ("fd:-1", "fd: needs a file descriptor number"),
+        ("fd:-1", "fd: needs a file descriptor number or a socket name"),
     ],
 )
 def test_parse_bind_refuses_naming_the_forms(text: str, says: str) -> None:
@@ -92,7 +92,12 @@ def test_parse_bind_refuses_naming_the_forms(text: str, says: str) -> None:
 
 
 def test_bind_forms_lists_every_form() -> None:
-    assert BIND_FORMS == "HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N"
+    assert BIND_FORMS == "HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N, fd:NAME"
+
+
+def test_fd_name_selects_a_socket_systemd_passed_by_name() -> None:
+    assert parse_bind("fd:http") == BindSpec(kind=BindKind.FD, text="fd:http", name="http")
+    assert parse_bind("fd:handoff-example.socket").name == "handoff-example.socket"
 
 
 def test_parse_bind_refuses_nul_in_a_unix_path() -> None:

@@ -30,6 +30,7 @@ LAYERS: Final[dict[str, int]] = {
     "protocol": 0,
     "procfs": 0,
     "controlwire": 0,
+    "systemdstate": 0,
     # Layer 1: OS mechanics, one kernel facility each.
     "sockets": 1,
     "signals": 1,
@@ -39,6 +40,8 @@ LAYERS: Final[dict[str, int]] = {
     "warden": 1,
     "scan": 1,
     "detach": 1,
+    "activation": 1,
+    "sdnotify": 1,
     # Layer 2: the shell, and the tools around it.
     "loop": 2,
     "cli": 2,
