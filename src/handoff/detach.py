@@ -35,8 +35,6 @@ from handoff.scan import epoll_registrations, process_fds
 _SYS_PIDFD_GETFD: Final = {"x86_64": 438, "aarch64": 438}
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-# Scratch fds live above the numbers workers use, so a swap never lands on one of them.
-_SCRATCH_BASE: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +69,7 @@ def detach(root: Pid, listeners: Mapping[int, int]) -> Detachment:
             try:
                 removed += _remove(pid, epfd, targets, listeners)
             except OSError as exc:
-                reason = f"pidfd_getfd on pid {pid}: {os.strerror(exc.errno or errno.EIO)}"
+                reason = f"taking pid {pid} off the socket: {os.strerror(exc.errno or errno.EIO)}"
     if not removed and not reason:
         reason = "no epoll registration of the listening socket (blocking accept, select or poll)"
     return Detachment(
@@ -106,15 +104,17 @@ def _placed(targets: list[EpollTarget], listeners: Mapping[int, int]):  # type: 
     Sources are copied to scratch fds first, and whatever the master had on a target
     number is saved, so no swap can overwrite another's source.
     """
-    sources = {
-        t.fd: fcntl.fcntl(listeners[t.inode], fcntl.F_DUPFD_CLOEXEC, _SCRATCH_BASE) for t in targets
-    }
+    # Scratch copies go above every target number, so no swap lands on one of them (and
+    # not at a fixed high number: F_DUPFD fails above the soft RLIMIT_NOFILE, 1024 under
+    # systemd by default).
+    base = max(t.fd for t in targets) + 1
+    sources = {t.fd: fcntl.fcntl(listeners[t.inode], fcntl.F_DUPFD_CLOEXEC, base) for t in targets}
     saved: dict[int, tuple[int, bool]] = {}
     try:
         for number in sources:
             with contextlib.suppress(OSError):  # EBADF: the number is free in the master
                 saved[number] = (
-                    fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, _SCRATCH_BASE),
+                    fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, base),
                     os.get_inheritable(number),
                 )
         for number, source in sources.items():

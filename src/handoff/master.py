@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Iterable
 
 from handoff import activation, children
 from handoff.config import RunConfig
@@ -38,8 +39,10 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
     listeners = []
     try:
         listeners = open_listeners(specs, run_config.backlog or default_backlog())
-        for name in activation.close_unused(passed, specs):
+        unused = activation.close_unused(passed, specs)
+        for name in unused:
             emit("listener.unused", name=name, reason="no --bind took this socket systemd passed")
+        _forget_stored(n for n in unused if n.startswith(activation.STORE_PREFIX))
         for index, listener in enumerate(listeners):
             inet = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
             port = listener.sock.getsockname()[1] if inet else None
@@ -64,6 +67,8 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
         loop = MasterLoop(run_config, listeners, warden, inbox, environ=os.environ)
         try:
             code = loop.run()
+        except HandoffError:
+            raise  # an expected failure (e.g. the control socket in use): reported by the CLI
         except Exception as exc:
             emit(
                 "master.crashed",
@@ -142,5 +147,18 @@ def _store_listeners(listeners: list[Listener]) -> None:
             name = activation.store_name(listener.spec)
             if notifier.store_fd(listener.fileno(), name):
                 emit("listener.stored", address=listener.address, name=name)
+    finally:
+        notifier.close()
+
+
+def _forget_stored(names: Iterable[str]) -> None:
+    """Drop sockets from systemd's fd store that no --bind uses any more (the port closes)."""
+    names = list(names)
+    notifier = SystemdNotifier.from_environment(os.environ) if names else None
+    if notifier is None:
+        return
+    try:
+        for name in names:
+            notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
     finally:
         notifier.close()

@@ -171,7 +171,11 @@ def _adopt_fd(spec: BindSpec, backlog: int) -> Listener:
         address = f"{name[0]}:{name[1]}"
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Listener(spec=spec, sock=sock, address=address, name=fd_name(address))
+    # A socket systemd passed keeps its name (LISTEN_FDNAMES), except our own stored ones.
+    keep = spec.name and not spec.name.startswith("handoff_")
+    return Listener(
+        spec=spec, sock=sock, address=address, name=spec.name if keep else fd_name(address)
+    )
 
 
 def _bind_error(spec: BindSpec, exc: OSError) -> BindError:
