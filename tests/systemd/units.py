@@ -127,6 +127,9 @@ def unprivileged_python() -> tuple[str, list[str]] | str:
     often readable when the venv's interpreter, e.g. under /root/.pyenv, is not).
     """
     package_dirs = [Path(handoff.__file__).parents[1], Path(psutil.__file__).parents[1]]
+    if checkout_adaptation():
+        # DynamicUser=yes implies PrivateTmp=yes, which cannot be turned off.
+        return f"the checkout ({package_dirs[0]}) is under /tmp, hidden by DynamicUser=yes"
     if not _readable_by_anyone(Path(handoff.__file__)):
         return f"handoff's sources ({package_dirs[0]}) are not readable by other users"
     if _readable_by_anyone(Path(PYTHON)) and _readable_by_anyone(Path(handoff_executable())):
@@ -153,6 +156,17 @@ def user_adaptation() -> list[str]:
     if any(str(p.resolve()).startswith(("/root/", "/home/")) for p in needed):
         lines.append("ProtectHome=read-only")
     return lines
+
+
+def checkout_adaptation() -> list[str]:
+    """Drop-in lines for a checkout (or venv) under /tmp, which PrivateTmp=yes would hide."""
+    places = [Path(__file__).resolve(), Path(PYTHON).resolve(), Path(handoff.__file__).resolve()]
+    if not any(str(p).startswith(("/tmp/", "/var/tmp/")) for p in places):
+        return []
+    return [
+        "# The checkout being tested lives under /tmp: PrivateTmp=yes would hide it.",
+        "PrivateTmp=no",
+    ]
 
 
 def systemd_command(argv: Sequence[str]) -> str:
@@ -253,6 +267,7 @@ def adapt_service(
         "# failing tests fail sooner than the example's 90 s",
         "TimeoutStartSec=30",
         *(as_shipped if unprivileged is not None else user_adaptation()),
+        *checkout_adaptation(),
         *extra,
     ]
     return {name: text, f"{name}.d/test.conf": "\n".join(dropin) + "\n"}
