@@ -17,11 +17,14 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from handoff.loadgen import FailureClass, LoadStats
 from tests.integration.harness import Event, Load, Master
@@ -203,3 +206,48 @@ def reload_under_load(master: Master, version: Path, port: int) -> tuple[Load, i
                 assert (status, body.get("version")) == (200, f"v{number}")
             load.wait_for_requests(PER_RELOAD)
     return load, first
+
+
+def record_run(
+    master: Master,
+    *,
+    server: str,
+    variant: str,
+    command: list[str],
+    notes: str,
+    stats: LoadStats,
+    mark: int,
+) -> tuple[str, str, str]:
+    """Record one server's run in the matrix; return (ready via, ready detail, detach path)."""
+    via, detail = readiness(master.named("worker.ready", after=mark))
+    detached = detach_path(master.named("worker.detached", after=mark))
+    record(
+        server=server,
+        variant=variant,
+        command=command,
+        reloads=RELOADS,
+        stats=stats,
+        ready_via=via,
+        ready_detail=detail,
+        detach_path=detached,
+        notes=notes,
+    )
+    return via, detail, detached
+
+
+def assert_nothing_refused_or_lost(stats: LoadStats, backlog: int | None) -> None:
+    """The bar for every server: nothing refused, no fresh request failed, every reload
+    served, and the shared backlog left at the kernel maximum."""
+    summary = stats.to_dict()
+    assert stats.failures.get(FailureClass.REFUSED, 0) == 0, summary
+    assert sum(stats.failures_fresh.values()) == 0, summary
+    assert {f"{g}" for g in range(2, RELOADS + 2)} <= set(stats.by_generation), summary
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert backlog in (None, somaxconn), f"the server lowered the backlog to {backlog}"
+
+
+def assert_stops_cleanly(master: Master) -> None:
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit(60) == 0
+    _, alive = psutil.wait_procs(master.live_workers(), timeout=5)
+    assert not alive

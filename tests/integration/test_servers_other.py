@@ -19,24 +19,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 
-from handoff.loadgen import FailureClass
 from tests.integration import matrix
 from tests.integration.harness import APPS, running
 from tests.integration.matrix import (
-    RELOADS,
-    detach_path,
     listener_backlog,
-    readiness,
     reload_under_load,
 )
 
@@ -204,31 +198,19 @@ def test_server_reloads_under_load(
         port = master.wait_ready()
         load, mark = reload_under_load(master, version, port)
         stats = load.stats
-        via, detail = readiness(master.named("worker.ready", after=mark))
-        detached = detach_path(master.named("worker.detached", after=mark))
-        matrix.record(
+        via, detail, detached = matrix.record_run(
+            master,
             server=case.server,
             variant=case.variant,
             command=command,
-            reloads=RELOADS,
-            stats=stats,
-            ready_via=via,
-            ready_detail=detail,
-            detach_path=detached,
             notes=case.notes,
+            stats=stats,
+            mark=mark,
         )
         summary = stats.to_dict()
         print(f"{case.server} {case.variant}: {via} ({detail}); detach {detached}; {summary}")
-        assert stats.failures.get(FailureClass.REFUSED, 0) == 0, summary
-        assert sum(stats.failures_fresh.values()) == 0, summary
+        matrix.assert_nothing_refused_or_lost(stats, listener_backlog(port))
         if not case.keepalive_race:
             assert sum(stats.failures_keepalive.values()) == 0, summary
-        assert {f"{g}" for g in range(2, RELOADS + 2)} <= set(stats.by_generation), summary
         assert "delay" not in via, f"readiness was not proved: {via}"
-        backlog = listener_backlog(port)
-        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-        assert backlog in (None, somaxconn), f"the server lowered the backlog to {backlog}"
-        master.signal(signal.SIGTERM)
-        assert master.wait_exit(60) == 0
-        _, alive = psutil.wait_procs(master.live_workers(), timeout=5)
-        assert not alive
+        matrix.assert_stops_cleanly(master)

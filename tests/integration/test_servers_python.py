@@ -11,23 +11,17 @@ connections at shutdown races its clients (docs/protocol.md, "The idle keep-aliv
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
-from handoff.loadgen import FailureClass
 from tests.integration import matrix
 from tests.integration.harness import APPS, running
 from tests.integration.matrix import (
-    RELOADS,
-    detach_path,
     listener_backlog,
-    readiness,
     reload_under_load,
 )
 
@@ -181,29 +175,17 @@ def test_server_reloads_under_load(tmp_path: Path, case: Case) -> None:
         load, mark = reload_under_load(master, version, port)
         backlog = listener_backlog(port)
         stats = load.stats
-        ready = master.named("worker.ready", after=mark)
-        via, detail = readiness(ready)
-        detached = detach_path(master.named("worker.detached", after=mark))
-        matrix.record(
+        matrix.record_run(
+            master,
             server=case.server,
             variant=case.variant,
             command=command,
-            reloads=RELOADS,
-            stats=stats,
-            ready_via=via,
-            ready_detail=detail,
-            detach_path=detached,
             notes=case.notes,
+            stats=stats,
+            mark=mark,
         )
-        summary = stats.to_dict()
-        assert stats.failures.get(FailureClass.REFUSED, 0) == 0, summary
-        assert sum(stats.failures_fresh.values()) == 0, summary
+        matrix.assert_nothing_refused_or_lost(stats, backlog)
         # auto proved every new worker ready: from /proc, or by the server's own READY=1.
+        ready = master.named("worker.ready", after=mark)
         assert {e.get("via") for e in ready} <= {"auto", "notify"}, ready
-        assert {f"{g}" for g in range(2, RELOADS + 2)} <= set(stats.by_generation), summary
-        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-        assert backlog in (None, somaxconn), f"the server lowered the backlog to {backlog}"
-        master.signal(signal.SIGTERM)
-        assert master.wait_exit(60) == 0
-        _, alive = psutil.wait_procs(master.live_workers(), timeout=5)
-        assert not alive
+        matrix.assert_stops_cleanly(master)
