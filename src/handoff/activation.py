@@ -18,9 +18,9 @@ from typing import Final
 
 from handoff.config import DEFAULT_BIND, BindKind, BindSpec, parse_bind
 from handoff.errors import ConfigError
-from handoff.protocol import FIRST_LISTEN_FD
+from handoff.protocol import FDSTORE_PREFIX, FIRST_LISTEN_FD
 
-STORE_PREFIX: Final = "handoff_"
+STORE_PREFIX: Final = FDSTORE_PREFIX
 
 
 def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int]:

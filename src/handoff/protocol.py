@@ -12,6 +12,9 @@ from typing import Final
 from handoff.errors import ConfigError
 
 FIRST_LISTEN_FD: Final = 3
+# Names of the listeners handoff itself stores in systemd's fd store (FDNAME=), told apart
+# from the names of sockets a .socket unit passes.
+FDSTORE_PREFIX: Final = "handoff_"
 # Variables that belong to the master's own supervisor (systemd), never to a worker:
 # a worker that inherited them would talk to PID 1 directly (sidekiq#5829).
 STRIPPED_VARIABLES: Final = frozenset(

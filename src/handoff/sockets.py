@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from handoff.config import BindKind, BindSpec
 from handoff.errors import BindError, ConfigError
-from handoff.protocol import fd_name
+from handoff.protocol import FDSTORE_PREFIX, fd_name
 
 
 @dataclass(slots=True, kw_only=True)
@@ -172,7 +172,7 @@ def _adopt_fd(spec: BindSpec, backlog: int) -> Listener:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # A socket systemd passed keeps its name (LISTEN_FDNAMES), except our own stored ones.
-    keep = spec.name and not spec.name.startswith("handoff_")
+    keep = spec.name and not spec.name.startswith(FDSTORE_PREFIX)
     return Listener(
         spec=spec, sock=sock, address=address, name=spec.name if keep else fd_name(address)
     )
