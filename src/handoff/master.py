@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterable
 
 from handoff import activation, children
 from handoff.config import RunConfig
@@ -42,7 +41,6 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
         unused = activation.close_unused(passed, specs)
         for name in unused:
             emit("listener.unused", name=name, reason="no --bind took this socket systemd passed")
-        _forget_stored(n for n in unused if n.startswith(activation.STORE_PREFIX))
         for index, listener in enumerate(listeners):
             inet = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
             port = listener.sock.getsockname()[1] if inet else None
@@ -53,7 +51,7 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
                 name=listener.name,
                 port=port,
             )
-        _store_listeners(listeners)
+        _sync_fd_store(listeners, unused)
         _write_pidfile(run_config.pidfile)
         children.become_subreaper()
         emit(
@@ -130,8 +128,9 @@ def _prepare_control_directory(path: str) -> None:
         )
 
 
-def _store_listeners(listeners: list[Listener]) -> None:
-    """Under systemd, keep a copy of each listener we bound in its fd store.
+def _sync_fd_store(listeners: list[Listener], unused: list[str]) -> None:
+    """Under systemd, keep a copy of each listener we bound in its fd store, and drop
+    the stored sockets that no --bind uses any more (their port closes).
 
     A crashed or restarted master then gets the same sockets back (with
     FileDescriptorStoreMax= > 0 in the unit): the port never closes. Sockets a .socket
@@ -141,24 +140,14 @@ def _store_listeners(listeners: list[Listener]) -> None:
     if notifier is None:
         return
     try:
+        for name in unused:
+            if name.startswith(activation.STORE_PREFIX):
+                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
         for listener in listeners:
             if listener.spec.name and not listener.spec.name.startswith(activation.STORE_PREFIX):
                 continue
             name = activation.store_name(listener.spec)
             if notifier.store_fd(listener.fileno(), name):
                 emit("listener.stored", address=listener.address, name=name)
-    finally:
-        notifier.close()
-
-
-def _forget_stored(names: Iterable[str]) -> None:
-    """Drop sockets from systemd's fd store that no --bind uses any more (the port closes)."""
-    names = list(names)
-    notifier = SystemdNotifier.from_environment(os.environ) if names else None
-    if notifier is None:
-        return
-    try:
-        for name in names:
-            notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
     finally:
         notifier.close()
