@@ -86,8 +86,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-from handoff.drill import DrillConfig, DrillError, DrillResult, clean_environment, run_drill
-from handoff.loadgen import FailureClass, LoadConfig, LoadGenerator, LoadStats
+from handoff.demo.drill import DrillConfig, DrillError, DrillResult, clean_environment, run_drill
+from handoff.demo.load import FailureClass, LoadConfig, LoadGenerator, LoadStats
 
 APPS: Final = Path(__file__).resolve().parents[1] / "tests" / "integration" / "apps"
 GUNICORN: Final = str(Path(sys.executable).with_name("gunicorn"))

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from handoff.drill import (
+from handoff.demo.drill import (
     DrillConfig,
     DrillError,
     DrillResult,
@@ -38,8 +38,8 @@ from handoff.drill import (
     run_drill,
     spawn_with_listener,
 )
+from handoff.demo.load import LoadConfig, LoadGenerator, LoadStats
 from handoff.errors import HandoffError
-from handoff.loadgen import LoadConfig, LoadGenerator, LoadStats
 
 KILL_WAIT_S = 10.0
 
@@ -253,7 +253,7 @@ def main() -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show each step")
     parser.add_argument("command", nargs="*", help="the server command (after --)")
     args = parser.parse_args()
-    command = tuple(args.command) or (sys.executable, "-m", "handoff.demoapp")
+    command = tuple(args.command) or (sys.executable, "-m", "handoff.demo.app")
     return asyncio.run(bench(args, command))
 
 

@@ -1,5 +1,5 @@
 """``python -m handoff``."""
 
-from handoff.cli import main
+from handoff.cli.main import main
 
 main()

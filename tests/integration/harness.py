@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from handoff.loadgen import LoadConfig, LoadGenerator, LoadStats
+from handoff.demo.load import LoadConfig, LoadGenerator, LoadStats
 
 APPS = Path(__file__).parent / "apps"
 Event = dict[str, Any]

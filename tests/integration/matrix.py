@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from handoff.loadgen import FailureClass, LoadStats
+from handoff.demo.load import FailureClass, LoadStats
 from tests.integration.harness import Event, Load, Master
 from tests.integration.http import get
 

@@ -62,7 +62,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs r
 
 
 def demo_app(version_file: Path) -> list[str]:
-    return [sys.executable, "-m", "handoff.demoapp", "--version-file", str(version_file)]
+    return [sys.executable, "-m", "handoff.demo.app", "--version-file", str(version_file)]
 
 
 def selectable(mode_file: Path, mode: str, version: str = "") -> list[str]:

@@ -24,11 +24,11 @@ from typing import Final
 
 import pytest
 
-from handoff.demo import run_demo
-from handoff.drill import DrillConfig, clean_environment, run_drill, spawn_with_listener
+from handoff.demo.drill import DrillConfig, clean_environment, run_drill, spawn_with_listener
+from handoff.demo.run import run_demo
 
 DEADLINE_S: Final = 20.0
-APP: Final = (sys.executable, "-m", "handoff.demoapp")
+APP: Final = (sys.executable, "-m", "handoff.demo.app")
 
 
 @dataclass

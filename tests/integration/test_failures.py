@@ -137,7 +137,7 @@ def with_suppressed_kill(pid: int) -> None:
 def test_a_sigkilled_master_takes_the_demo_workers_with_it(tmp_path: Path) -> None:
     version = tmp_path / "version"
     version.write_text("v1")
-    command = [sys.executable, "-m", "handoff.demoapp", "--version-file", str(version)]
+    command = [sys.executable, "-m", "handoff.demo.app", "--version-file", str(version)]
     with running(command, args=["--workers", "3"]) as master:
         master.wait_ready()
         workers = master.worker_pids()
@@ -151,7 +151,7 @@ def test_a_sigkilled_master_takes_the_demo_workers_with_it(tmp_path: Path) -> No
 def test_term_lets_slow_requests_in_flight_finish(tmp_path: Path) -> None:
     version = tmp_path / "version"
     version.write_text("v1")
-    command = [sys.executable, "-m", "handoff.demoapp", "--version-file", str(version)]
+    command = [sys.executable, "-m", "handoff.demo.app", "--version-file", str(version)]
     with running(command, args=["--workers", "2", "--drain-timeout", "20"]) as master:
         port = master.wait_ready()
         workers = [psutil.Process(pid) for pid in master.worker_pids()]
@@ -340,7 +340,7 @@ def test_a_detached_worker_gets_no_new_connection_and_finishes_what_it_holds(
 ) -> None:
     version = tmp_path / "version"
     version.write_text("v1")
-    command = [sys.executable, "-m", "handoff.demoapp", "--version-file", str(version)]
+    command = [sys.executable, "-m", "handoff.demo.app", "--version-file", str(version)]
     # A long settle holds the old generation detached but not yet signalled.
     with running(command, args=["--settle", "4"]) as master:
         port = master.wait_ready()

@@ -22,7 +22,7 @@ RELOADS = 10
 
 
 def demo_app(version_file: Path) -> list[str]:
-    return [sys.executable, "-m", "handoff.demoapp", "--version-file", str(version_file)]
+    return [sys.executable, "-m", "handoff.demo.app", "--version-file", str(version_file)]
 
 
 def reload_under_load(

@@ -89,7 +89,7 @@ def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
 def demo(tmp_path: Path) -> list[str]:
     version = tmp_path / "version"
     version.write_text("v1")
-    return [sys.executable, "-m", "handoff.demoapp", "--version-file", str(version)]
+    return [sys.executable, "-m", "handoff.demo.app", "--version-file", str(version)]
 
 
 @pytest.mark.timeout(60)

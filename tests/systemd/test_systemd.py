@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from handoff.loadgen import FailureClass
+from handoff.demo.load import FailureClass
 from tests.integration.harness import Load
 from tests.integration.http import get
 from tests.integration.waiting import wait_until

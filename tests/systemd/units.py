@@ -208,7 +208,7 @@ def app_command(
     version_file: str, *, start_delay_s: float = 0.0, python: str = PYTHON
 ) -> list[str]:
     """handoff's demo app: LISTEN_FDS sockets, READY=1, a clean drain on SIGTERM."""
-    argv = [python, "-m", "handoff.demoapp", "--version-file", version_file]
+    argv = [python, "-m", "handoff.demo.app", "--version-file", version_file]
     if start_delay_s:
         # exec keeps the pid, so LISTEN_PID still names the process that serves
         return ["/bin/sh", "-c", f"sleep {start_delay_s}; exec {shlex.join(argv)}"]

@@ -14,8 +14,8 @@ import structlog
 from click.testing import CliRunner, Result
 
 from handoff import __version__
-from handoff.cli import cli
-from handoff.config import BIND_FORMS, READY_FORMS
+from handoff.cli.main import cli
+from handoff.formats.options import BIND_FORMS, READY_FORMS
 
 MISSING = "gunicron"  # a misspelt command: nothing can start even if parsing let it through
 

@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from handoff.config import (
+from handoff.errors import EXIT_USAGE, ConfigError
+from handoff.formats.options import (
     BIND_FORMS,
     READY_FORMS,
     BindKind,
@@ -18,7 +19,6 @@ from handoff.config import (
     parse_ready,
     parse_signal,
 )
-from handoff.errors import EXIT_USAGE, ConfigError
 
 # -- parse_bind -----------------------------------------------------------------------------
 

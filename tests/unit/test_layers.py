@@ -1,7 +1,11 @@
-"""Imports point only downward (design: layer 0 pure, layer 1 OS mechanics, layer 2 shell).
+"""The package's layout is its architecture: a module's layer is the package it lives in.
 
-Every module under src/handoff is parsed with ``ast`` (nothing is imported). A module may
-import handoff modules of its own layer or lower; layer 0 may not touch the OS at all.
+Every module under src/handoff is parsed with ``ast`` (nothing is imported). Imports point
+one way, down this list: formats (pure parsers of what crosses a boundary), core (the
+decisions), system (one kernel facility each), master (the event loop and what it
+delegates to), cli (the commands and the control client), demo (tools the master never
+imports). A module may import its own package and the packages below it. formats and core
+touch no OS, clock or logging. The size limits keep each file one thing.
 """
 
 from __future__ import annotations
@@ -15,52 +19,16 @@ import pytest
 
 PACKAGE: Final = Path(__file__).resolve().parents[2] / "src" / "handoff"
 
-LAYERS: Final[dict[str, int]] = {
-    # Layer 0: pure, no syscalls; the machine and what it reads and returns.
-    "__init__": 0,  # the package itself: only __version__
-    "errors": 0,
-    "config": 0,
-    "model": 0,
-    "events": 0,
-    "actions": 0,
-    "timers": 0,
-    "policy": 0,
-    "readiness": 0,
-    "machine": 0,
-    "protocol": 0,
-    "procfs": 0,
-    "controlwire": 0,
-    "systemdstate": 0,
-    # Layer 1: OS mechanics, one kernel facility each.
-    "sockets": 1,
-    "signals": 1,
-    "children": 1,
-    "notify": 1,
-    "proc": 1,
-    "warden": 1,
-    "scan": 1,
-    "detach": 1,
-    "activation": 1,
-    "sdnotify": 1,
-    # Layer 2: the shell, and the tools around it.
-    "loop": 2,
-    "cli": 2,
-    "master": 2,
-    "control": 2,
-    "status": 2,
-    "client": 2,
-    "commands": 2,
-    "logs": 2,
-    "demo": 2,
-    "demoapp": 2,
-    "drill": 2,
-    "loadgen": 2,
-    "httpwire": 2,
-    "__main__": 2,
-}
+# The layers, bottom first. The package's own flat modules: __init__ (the map and the
+# version) and errors (HandoffError) sit below everything; __main__ is the cli.
+LAYER_ORDER: Final = ("formats", "core", "system", "master", "cli", "demo")
+FLAT_MODULES: Final = {"__init__": -1, "errors": -1, "__main__": LAYER_ORDER.index("cli")}
+PURE_LAYERS: Final = frozenset({"formats", "core"})
+MAX_MODULE_LINES: Final = 420
+MAX_CLASS_LINES: Final = 300
 
 # Standard-library and third-party modules that mean OS access, a clock, threads or I/O.
-FORBIDDEN_IN_LAYER_0: Final = frozenset(
+FORBIDDEN_IN_PURE: Final = frozenset(
     {
         "os",
         "socket",
@@ -80,26 +48,47 @@ FORBIDDEN_IN_LAYER_0: Final = frozenset(
         "logging",
     }
 )
-# Function-local imports allowed in layer 0, each with its reason. model.py decodes wait
-# statuses with os.WIFSIGNALED/WTERMSIG/waitstatus_to_exitcode: pure bit operations, no
-# syscall. It stays allowed only as a local import inside a function, so a module-level
-# 'import os' in model.py still fails this test.
-ALLOWED_LOCAL_IN_LAYER_0: Final = frozenset({("model", "os")})
+# Imports allowed against the direction, each inside a function only, with its reason:
+# `handoff demo` loads the demo (and asyncio) only when that command runs.
+ALLOWED_LOCAL_UPWARD: Final = frozenset({("cli.main", "demo.run")})
 
 
 @dataclass(frozen=True, slots=True)
 class Import:
-    module: str  # the top-level name for non-handoff imports, else "handoff.<module>"
+    module: str  # "handoff.<pkg>.<module>" (or "handoff.<flat>") or a top-level name
     line: int
     local: bool  # inside a function or method body
 
 
 def handoff_modules() -> list[str]:
-    return sorted(path.stem for path in PACKAGE.glob("*.py"))
+    """Every module as a dotted name relative to the package: 'core.machine', 'errors'."""
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        names.append(".".join(parts))
+    return names
+
+
+def layer_of(name: str) -> int:
+    """The layer index of a module: its package's place in LAYER_ORDER."""
+    head, dot, _ = name.partition(".")
+    if not dot:
+        return FLAT_MODULES[head]
+    return LAYER_ORDER.index(head)
+
+
+def package_of(name: str) -> str:
+    head, dot, _ = name.partition(".")
+    return head if dot else ""
+
+
+def _path(name: str) -> Path:
+    return PACKAGE.joinpath(*name.split(".")).with_suffix(".py")
 
 
 def imports_of(name: str) -> list[Import]:
-    tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"), filename=name)
+    tree = ast.parse(_path(name).read_text(encoding="utf-8"), filename=name)
+    package = package_of(name)
     found: list[Import] = []
 
     def visit(node: ast.AST, local: bool) -> None:
@@ -110,8 +99,11 @@ def imports_of(name: str) -> list[Import]:
                     for alias in aliases:
                         found.append(Import(_resolve(alias.name, None), child.lineno, local))
                 case ast.ImportFrom(module=module, names=aliases, level=level):
-                    base = "handoff" if level else None
-                    target = f"{base}.{module}" if base and module else (module or base or "")
+                    if level:  # relative: from the module's own package (or its parent)
+                        base = ["handoff", *([package] if package and level == 1 else [])]
+                        target = ".".join([*base, *([module] if module else [])])
+                    else:
+                        target = module or ""
                     for alias in aliases:
                         found.append(Import(_resolve(target, alias.name), child.lineno, local))
             visit(child, inner)
@@ -121,59 +113,78 @@ def imports_of(name: str) -> list[Import]:
 
 
 def _resolve(module: str, name: str | None) -> str:
-    """Map an import to 'handoff.<module>' (the module file it loads) or a top-level name."""
+    """Map an import to the handoff module file it loads, or to a top-level name."""
     parts = module.split(".")
     if parts[0] != "handoff":
         return parts[0]
-    if len(parts) > 1:
-        return f"handoff.{parts[1]}"
-    if name is not None and (PACKAGE / f"{name}.py").exists():
-        return f"handoff.{name}"  # from handoff import machine
-    return "handoff.__init__"  # import handoff / from handoff import __version__
+    inner = parts[1:]
+    if name is not None and _path(".".join([*inner, name])).exists():
+        inner = [*inner, name]  # from handoff.core import machine
+    if not inner:
+        return "handoff.__init__"  # import handoff / from handoff import __version__
+    return "handoff." + ".".join(inner)
 
 
 def layer_violations(name: str) -> list[str]:
-    layer = LAYERS[name]
+    layer = layer_of(name)
     problems: list[str] = []
     for imp in imports_of(name):
-        where = f"{name}.py:{imp.line}"
+        where = f"{name}:{imp.line}"
         if imp.module.startswith("handoff."):
             target = imp.module.removeprefix("handoff.")
-            if target not in LAYERS:
-                problems.append(f"{where} imports {target}, which is not in LAYERS")
-            elif LAYERS[target] > layer:
-                problems.append(
-                    f"{where}: layer {layer} module imports {target} (layer {LAYERS[target]})"
-                )
-        elif layer == 0 and imp.module in FORBIDDEN_IN_LAYER_0:
-            if imp.local and (name, imp.module) in ALLOWED_LOCAL_IN_LAYER_0:
+            try:
+                target_layer = layer_of(target)
+            except (KeyError, ValueError):
+                problems.append(f"{where} imports {target}, which is in no layer")
                 continue
-            problems.append(f"{where}: layer 0 module imports {imp.module}")
+            if target_layer > layer and not (imp.local and (name, target) in ALLOWED_LOCAL_UPWARD):
+                problems.append(
+                    f"{where}: {package_of(name) or name} module imports {target} "
+                    f"({package_of(target)})"
+                )
+        elif (package_of(name) in PURE_LAYERS or layer < 0) and imp.module in FORBIDDEN_IN_PURE:
+            problems.append(f"{where}: pure module imports {imp.module}")
     return problems
 
 
-def test_every_module_has_a_layer() -> None:
-    missing = [name for name in handoff_modules() if name not in LAYERS]
+def test_every_module_lives_in_a_layer_package() -> None:
+    flat = [name for name in handoff_modules() if "." not in name]
+    nested = {name.split(".")[0] for name in handoff_modules() if "." in name}
 
-    assert not missing, f"add these modules to LAYERS in {Path(__file__).name}: {missing}"
+    assert sorted(flat) == sorted(FLAT_MODULES)
+    assert nested == set(LAYER_ORDER)
 
 
 @pytest.mark.parametrize("name", handoff_modules())
 def test_imports_point_only_downward(name: str) -> None:
-    if name not in LAYERS:
-        pytest.fail(f"{name} has no layer (see test_every_module_has_a_layer)")
-
     assert layer_violations(name) == []
 
 
 @pytest.mark.parametrize("name", handoff_modules())
-def test_docstring_names_the_same_layer(name: str) -> None:
-    tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
-    docstring = ast.get_docstring(tree) or ""
+def test_modules_stay_small(name: str) -> None:
+    source = _path(name).read_text(encoding="utf-8")
+    classes = [
+        (node.name, (node.end_lineno or node.lineno) - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ClassDef)
+    ]
 
-    for layer in range(3):
-        if f"Layer {layer}" in docstring and name in LAYERS:
-            assert LAYERS[name] == layer, f"{name}.py says Layer {layer}, LAYERS says otherwise"
+    assert len(source.splitlines()) <= MAX_MODULE_LINES
+    assert [c for c in classes if c[1] > MAX_CLASS_LINES] == []
+
+
+@pytest.mark.parametrize("package", LAYER_ORDER)
+def test_each_layer_package_says_what_it_is(package: str) -> None:
+    docstring = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
+
+    assert docstring, f"{package}/__init__.py needs a docstring saying what the layer holds"
+
+
+def test_the_package_opens_with_its_map() -> None:
+    docstring = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text())) or ""
+
+    for package in LAYER_ORDER:
+        assert f"{package}/" in docstring
 
 
 # -- the checker itself ---------------------------------------------------------------------
@@ -182,10 +193,11 @@ def test_docstring_names_the_same_layer(name: str) -> None:
 def _check_source(
     name: str, source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> list[str]:
-    (tmp_path / f"{name}.py").write_text(source, encoding="utf-8")
-    for other in LAYERS:
-        if other != name:
-            (tmp_path / f"{other}.py").write_text("", encoding="utf-8")
+    for other in handoff_modules():
+        target = tmp_path.joinpath(*other.split(".")).with_suffix(".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("", encoding="utf-8")
+    tmp_path.joinpath(*name.split(".")).with_suffix(".py").write_text(source, encoding="utf-8")
     monkeypatch.setattr(f"{__name__}.PACKAGE", tmp_path)
     return layer_violations(name)
 
@@ -193,20 +205,28 @@ def _check_source(
 @pytest.mark.parametrize(
     ("name", "source", "expected"),
     [
-        ("machine", "from handoff import loop\n", ["layer 0 module imports loop (layer 2)"]),
-        ("machine", "from handoff.children import spawn\n", ["layer 0 module imports children"]),
-        ("timers", "import handoff.proc\n", ["layer 0 module imports proc (layer 1)"]),
-        ("config", "from . import sockets\n", ["layer 0 module imports sockets (layer 1)"]),
-        ("events", "from .notify import x\n", ["layer 0 module imports notify (layer 1)"]),
-        ("proc", "from handoff.logs import emit\n", ["layer 1 module imports logs (layer 2)"]),
-        ("model", "import os\n", ["layer 0 module imports os"]),
-        ("model", "def f():\n    import os\n", []),
-        ("machine", "def f():\n    import os\n", ["layer 0 module imports os"]),
-        ("protocol", "import os.path\n", ["layer 0 module imports os"]),
-        ("errors", "from time import monotonic\n", ["layer 0 module imports time"]),
-        ("events", "from handoff import __version__, model\n", []),
-        ("loop", "import os, psutil\nfrom handoff import cli\n", []),
-        ("children", "from handoff import signals, model\nimport os\n", []),
+        ("core.machine", "from handoff.master import loop\n", ["imports master.loop (master)"]),
+        (
+            "core.machine",
+            "from handoff.system.children import spawn\n",
+            ["imports system.children (system)"],
+        ),
+        ("core.timers", "import handoff.system.process_tree\n", ["system.process_tree"]),
+        ("formats.options", "from handoff.core import model\n", ["imports core.model (core)"]),
+        ("core.events", "from . import machine\n", []),
+        ("core.events", "from .machine import Supervisor\n", []),
+        ("core.events", "from ..system import children\n", ["imports system.children"]),
+        ("system.children", "from handoff.master.logs import emit\n", ["master.logs (master)"]),
+        ("core.model", "import os\n", ["pure module imports os"]),
+        ("core.machine", "def f():\n    import os\n", ["pure module imports os"]),
+        ("formats.worker_contract", "import os.path\n", ["pure module imports os"]),
+        ("errors", "from time import monotonic\n", ["pure module imports time"]),
+        ("core.events", "from handoff import __version__, errors\n", []),
+        ("master.loop", "import os, psutil\nfrom handoff.system import children\n", []),
+        ("master.loop", "from handoff.cli import main\n", ["imports cli.main (cli)"]),
+        ("cli.main", "from handoff.demo import run\n", ["imports demo.run (demo)"]),
+        ("cli.main", "def f():\n    from handoff.demo.run import run_demo\n", []),
+        ("system.children", "from handoff.nowhere import x\n", ["which is in no layer"]),
     ],
 )
 def test_the_checker_catches_upward_imports(

@@ -16,7 +16,7 @@ from typing import Final
 
 import pytest
 
-from handoff.loadgen import FailureClass, LoadConfig, LoadGenerator, LoadStats
+from handoff.demo.load import FailureClass, LoadConfig, LoadGenerator, LoadStats
 
 DEADLINE_S: Final = 10.0
 BODY: Final = b'{"hello": "world"}'

@@ -16,14 +16,14 @@ from typing import TypeVar
 
 import pytest
 
-from handoff import actions as act
-from handoff import events as ev
-from handoff.config import ReadyMode, ReadySpec
+from handoff.core import actions as act
+from handoff.core import events as ev
+from handoff.core.machine import Supervisor
+from handoff.core.model import ExitStatus, GenerationState, GenId, MasterState, Pid, WorkerState
+from handoff.core.policy import Policy, backoff
+from handoff.core.timers import TimerKey, TimerKind, Timers
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
-from handoff.machine import Supervisor
-from handoff.model import ExitStatus, GenerationState, GenId, MasterState, Pid, WorkerState
-from handoff.policy import Policy, backoff
-from handoff.timers import TimerKey, TimerKind, Timers
+from handoff.formats.options import ReadyMode, ReadySpec
 
 A = TypeVar("A", bound=act.Action)
 STOP = signal.SIGTERM

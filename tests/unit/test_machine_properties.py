@@ -25,13 +25,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from handoff import actions as act
-from handoff import events as ev
-from handoff.config import ReadyMode, ReadySpec
+from handoff.core import actions as act
+from handoff.core import events as ev
+from handoff.core.model import GenerationState, MasterState, Pid, WorkerState
+from handoff.core.policy import Policy
+from handoff.core.timers import TimerKey, TimerKind
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
-from handoff.model import GenerationState, MasterState, Pid, WorkerState
-from handoff.policy import Policy
-from handoff.timers import TimerKey, TimerKind
+from handoff.formats.options import ReadyMode, ReadySpec
 from tests.unit.test_machine import FakeLoop
 
 SETTINGS = settings(

@@ -1,4 +1,8 @@
-"""Records: wait-status decoding and its descriptions, generation views."""
+"""Records: exit statuses and their descriptions, generation views.
+
+(How the kernel's wait results become ``ExitStatus`` is tested on real processes in
+test_children.py.)
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import signal
 
 import pytest
 
-from handoff.model import (
+from handoff.core.model import (
     ExitStatus,
     Generation,
     GenerationState,
@@ -15,39 +19,6 @@ from handoff.model import (
     Worker,
     WorkerState,
 )
-
-CORE_DUMPED = 0x80
-
-
-def exited(code: int) -> int:
-    """The raw wait status of a process that called exit(code)."""
-    return code << 8
-
-
-def killed(sig: int, *, core: bool = False) -> int:
-    """The raw wait status of a process killed by a signal."""
-    return sig | (CORE_DUMPED if core else 0)
-
-
-@pytest.mark.parametrize(
-    ("status", "expected"),
-    [
-        (exited(0), ExitStatus(code=0)),
-        (exited(1), ExitStatus(code=1)),
-        (exited(3), ExitStatus(code=3)),
-        (exited(127), ExitStatus(code=127)),
-        (exited(255), ExitStatus(code=255)),
-        (killed(signal.SIGTERM), ExitStatus(signal=signal.SIGTERM)),
-        (killed(signal.SIGKILL), ExitStatus(signal=signal.SIGKILL)),
-        (killed(signal.SIGSEGV, core=True), ExitStatus(signal=signal.SIGSEGV)),
-        (killed(signal.SIGABRT, core=True), ExitStatus(signal=signal.SIGABRT)),
-    ],
-)
-def test_from_wait_status(status: int, expected: ExitStatus) -> None:
-    decoded = ExitStatus.from_wait_status(status)
-
-    assert decoded == expected
-    assert (decoded.code is None) != (decoded.signal is None)
 
 
 @pytest.mark.parametrize(
@@ -78,14 +49,6 @@ def test_success(status: ExitStatus, success: bool) -> None:
 )
 def test_describe(status: ExitStatus, text: str) -> None:
     assert status.describe() == text
-
-
-def test_describe_decoded_statuses() -> None:
-    assert ExitStatus.from_wait_status(exited(127)).describe() == "exited 127 (command not found?)"
-    assert (
-        ExitStatus.from_wait_status(killed(signal.SIGKILL)).describe()
-        == "killed by SIGKILL (out of memory?)"
-    )
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from handoff.procfs import (
+from handoff.formats.procfs import (
     BlockedCall,
     EpollTarget,
     WaitKind,

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from handoff.errors import ConfigError
-from handoff.protocol import (
+from handoff.formats.worker_contract import (
     FIRST_LISTEN_FD,
     expand_placeholders,
     fd_name,

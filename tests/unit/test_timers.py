@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from handoff.timers import TimerKey, TimerKind, Timers
+from handoff.core.timers import TimerKey, TimerKind, Timers
 
 A = TimerKey(TimerKind.READY_TIMEOUT, 100)
 B = TimerKey(TimerKind.DRAIN, 100)

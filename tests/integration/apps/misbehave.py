@@ -102,7 +102,7 @@ def main() -> None:
         with open(sys.argv[2]) as f:
             mode = f.read().strip()
         if mode not in ("exit-at-start", "hang-at-start"):
-            demo = ["-m", "handoff.demoapp", "--version-file", sys.argv[2] + ".version"]
+            demo = ["-m", "handoff.demo.app", "--version-file", sys.argv[2] + ".version"]
             os.execv(sys.executable, [sys.executable, *demo])
         return main_mode(mode)
     return main_mode(mode)

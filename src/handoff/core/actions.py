@@ -1,0 +1,96 @@
+"""Outputs of the state machine: things the loop must do.
+
+Layer 0 (pure). Each is executed by ``loop.py`` against the real system, or recorded by
+the unit tests' fake system.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+from handoff.core.model import GenId, Pid
+from handoff.core.timers import TimerKey
+from handoff.formats.log_events import EventName, Level
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpawnWorker:
+    """Fork and exec one worker; the loop answers with WorkerSpawned or SpawnFailed."""
+
+    gen: GenId
+    slot: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendSignal:
+    pid: Pid
+    signal: signal.Signals
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetachListeners:
+    """Remove the worker tree's epoll registrations of the listening sockets (stop accepting)."""
+
+    pid: Pid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KillTree:
+    """SIGKILL the worker's process group, then any descendant that left the group."""
+
+    pid: Pid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartTimer:
+    key: TimerKey
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelTimer:
+    key: TimerKey
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunProbe:
+    """Start one readiness probe of the worker (exec:, later /proc scanning)."""
+
+    pid: Pid
+    gen: GenId
+    slot: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelProbe:
+    pid: Pid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """A log event with a stable dotted name (catalogued in docs/events.md)."""
+
+    event: EventName
+    level: Level = Level.INFO
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exit:
+    code: int
+    reason: str = ""
+
+
+Action = (
+    SpawnWorker
+    | SendSignal
+    | DetachListeners
+    | KillTree
+    | StartTimer
+    | CancelTimer
+    | RunProbe
+    | CancelProbe
+    | Report
+    | Exit
+)

@@ -1,0 +1,105 @@
+"""Inputs to the state machine: things that happened.
+
+Layer 0 (pure). The loop turns signals, pidfd readiness, notify datagrams and expired
+timers into these; unit tests write them by hand.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from handoff.core.model import ExitStatus, GenId, Pid
+from handoff.core.timers import TimerKey
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Started:
+    """The master has its sockets and loop; start the first generation."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadRequested:
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopRequested:
+    fast: bool
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScaleRequested:
+    """Set the workers per generation (workers), or change it by delta (TTIN/TTOU)."""
+
+    source: str
+    workers: int | None = None
+    delta: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardRequested:
+    """A signal the master passes on to every live worker (USR1: reopen logs)."""
+
+    signal: signal.Signals
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSpawned:
+    gen: GenId
+    slot: int
+    pid: Pid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpawnFailed:
+    gen: GenId
+    slot: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChildExited:
+    pid: Pid
+    status: ExitStatus
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerNotified:
+    """A worker (or a process in its tree) sent sd_notify fields."""
+
+    pid: Pid
+    sender: Pid
+    ready: bool = False
+    stopping: bool = False
+    status: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeFinished:
+    """A readiness probe of a worker finished: ok means the worker is ready."""
+
+    pid: Pid
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimerFired:
+    key: TimerKey
+
+
+Event = (
+    Started
+    | ReloadRequested
+    | StopRequested
+    | ScaleRequested
+    | ForwardRequested
+    | WorkerSpawned
+    | SpawnFailed
+    | ChildExited
+    | WorkerNotified
+    | ProbeFinished
+    | TimerFired
+)

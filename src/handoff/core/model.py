@@ -1,0 +1,110 @@
+"""Records of the supervision state: workers, generations, exit statuses.
+
+Layer 0 (pure). The records are mutable, but only ``machine.py`` changes them; everything
+else reads them (the loop for process titles, later the control socket for status).
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NewType
+
+Pid = NewType("Pid", int)
+GenId = NewType("GenId", int)
+
+
+class MasterState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RELOADING = "reloading"
+    STOPPING = "stopping"
+
+
+class GenerationState(StrEnum):
+    STARTING = "starting"
+    ACTIVE = "active"
+    FAILED = "failed"
+    DRAINING = "draining"
+    GONE = "gone"
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How a process ended: an exit code, or the signal that killed it."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.code == 0
+
+    def describe(self, *, killed_by_us: bool = False) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            oom = self.signal == signal.SIGKILL and not killed_by_us
+            hint = " (out of memory?)" if oom else ""
+            return f"killed by {name}{hint}"
+        if self.code == 127:
+            return "exited 127 (command not found?)"
+        if self.code == 126:
+            return "exited 126 (command not executable?)"
+        return f"exited {self.code}"
+
+    def as_fields(self) -> dict[str, object]:
+        if self.signal is not None:
+            try:
+                return {"signal": signal.Signals(self.signal).name}
+            except ValueError:
+                return {"signal": self.signal}
+        return {"exit_code": self.code}
+
+
+@dataclass(slots=True, kw_only=True)
+class Worker:
+    """One worker process (a respawn is a new Worker in the same slot)."""
+
+    gen: GenId
+    slot: int
+    pid: Pid
+    state: WorkerState
+    started_at: float
+    ready_at: float | None = None
+    stop_signalled: bool = False
+    killed: bool = False
+    respawn_on_exit: bool = False
+    status: str = ""
+
+
+@dataclass(slots=True, kw_only=True)
+class Generation:
+    """The workers started from one reading of the command."""
+
+    id: GenId
+    state: GenerationState
+    size: int
+    started_at: float
+    active_at: float | None = None
+    workers: dict[Pid, Worker] = field(default_factory=dict)  # every worker not yet reaped
+    spawning: set[int] = field(default_factory=set)  # slots asked to spawn, no answer yet
+    crashes: dict[int, int] = field(default_factory=dict)
+    respawn_pending: set[int] = field(default_factory=set)
+    failure: str | None = None
+
+    def live_workers(self) -> list[Worker]:
+        return list(self.workers.values())
+
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state is WorkerState.READY)

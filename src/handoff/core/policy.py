@@ -1,0 +1,54 @@
+"""The supervisor's fixed settings and the arithmetic it applies to them.
+
+Layer 0 (pure). ``Policy`` is what the machine reads from the run configuration (and its
+tunables: respawn and probe backoff, crash-loop threshold); ``ReloadOutcome`` is what it
+remembers of the last reload; ``backoff`` spaces respawns and probe retries.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from handoff.core.model import GenId
+from handoff.formats.options import ReadySpec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    workers: int
+    ready: ReadySpec
+    ready_timeout_s: float
+    drain_timeout_s: float
+    stop_signal: signal.Signals
+    respawn_base_s: float = 0.1
+    respawn_cap_s: float = 30.0
+    crash_loop_after: int = 5
+    # A worker that was ready this long before dying starts a fresh backoff; one that
+    # dies sooner (even after becoming ready) counts as one more crash in a row.
+    stable_after_s: float = 10.0
+    probe_base_s: float = 0.05  # exec: probes: 0.05 s doubling to 1 s
+    probe_cap_s: float = 1.0
+    # auto: /proc scans cost well under a millisecond, and every millisecond between a
+    # worker accepting and it being seen is added to the reload: 5 ms doubling to 50 ms.
+    scan_base_s: float = 0.005
+    scan_cap_s: float = 0.05
+    # auto: after READY=1, how long /proc may take to show a process accepting before
+    # READY=1 is taken on its own word (a server that accepts in a way /proc cannot show).
+    notify_grace_s: float = 2.0
+    # Between removing an old worker's listening registration and its stop signal: time
+    # for connections it accepted just before to be read. 0: signal at once.
+    settle_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadOutcome:
+    gen: GenId
+    ok: bool
+    reason: str
+    duration_s: float
+
+
+def backoff(attempt: int, base_s: float, cap_s: float) -> float:
+    """Capped exponential backoff: base, 2*base, 4*base, ... never above cap."""
+    return min(cap_s, base_s * 2.0 ** max(0, attempt - 1))

@@ -1,0 +1,343 @@
+"""The control socket: served by the master's own event loop, one request per connection.
+
+Layer 2 (shell). A unix stream socket, mode 0600 (0660 with a control group); every
+client is checked with SO_PEERCRED. Sockets are non-blocking and every client is bounded
+(64 KiB in, 1 MiB out, 5 s to send its request, 64 clients), so a client that sends
+garbage, stalls or vanishes costs the master nothing. Requests become events for the
+machine; what the machine reports is streamed back to clients waiting for a reload.
+docs/control.md is the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import socket
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from handoff.core import events as ev
+from handoff.core.model import MasterState
+from handoff.formats.control_protocol import (
+    MAX_LINE,
+    BadRequest,
+    Command,
+    encode,
+    error_line,
+    parse_request,
+    progress_message,
+)
+from handoff.formats.log_events import EventName
+from handoff.master.logs import emit
+from handoff.system.sockets import remove_stale_unix_socket
+
+MAX_CLIENTS: Final = 64
+MAX_OUTPUT: Final = 1 << 20
+REQUEST_DEADLINE_S: Final = 5.0
+_CREDENTIALS: Final = struct.Struct("3i")
+_PROGRESS: Final = frozenset(
+    {
+        EventName.GENERATION_STARTED,
+        EventName.WORKER_READY,
+        EventName.WORKER_EXITED,
+        EventName.WORKER_SPAWN_FAILED,
+        EventName.WORKER_NOT_READY,
+        EventName.GENERATION_ACTIVE,
+        EventName.GENERATION_DRAINING,
+        EventName.GENERATION_FAILED,
+    }
+)
+
+
+@dataclass(slots=True)
+class Client:
+    sock: socket.socket
+    deadline: float
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytearray = field(default_factory=bytearray)
+    answered: bool = False  # the request was read; nothing more is read from it
+    closing: bool = False  # close once the outbox is flushed
+    wants_write: bool = False
+
+
+class ControlServer:
+    """Owns the control socket and its clients; the loop forwards readiness and reports."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        group: int | None,
+        submit: Callable[[ev.Event], None],
+        status: Callable[[], Mapping[str, object]],
+        state: Callable[[], MasterState],
+        scale_target: Callable[[], int],
+        clock: Callable[[], float],
+        watch: Callable[[int, bool], None],
+        unwatch: Callable[[int], None],
+    ) -> None:
+        self.path = path
+        self._group = group
+        self._submit = submit
+        self._status = status
+        self._state = state
+        self._scale_target = scale_target
+        self._clock = clock
+        self._watch = watch
+        self._unwatch = unwatch
+        self._clients: dict[int, Client] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._next_reload: list[Client] = []  # waiting for the next reload to start
+        self._reloads: dict[int, list[Client]] = {}  # gen -> clients waiting for its result
+        self._ready: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self._seen_start: str = ""  # what the last ReloadRequested produced
+        remove_stale_unix_socket(path, f"--control {path}")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        previous = os.umask(0o177 if group is None else 0o117)
+        try:
+            self._sock.bind(path)
+        finally:
+            os.umask(previous)
+        if group is not None:
+            os.chown(path, -1, group)
+        self._sock.listen(MAX_CLIENTS)
+        self._sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    # -- loop interface ----------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        while self._deadlines and self._deadlines[0][1] not in self._clients:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def expire(self, now: float) -> None:
+        """Cut clients that did not send their request in time."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, fd = heapq.heappop(self._deadlines)
+            client = self._clients.get(fd)
+            # The fd may belong to a newer client by now: its own deadline decides.
+            if client is not None and not client.answered and client.deadline <= now:
+                self._fail(fd, client, f"no request within {REQUEST_DEADLINE_S:g} s")
+
+    def on_listener(self) -> None:
+        while True:
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and the like: the client is refused by the kernel's queue
+            sock.setblocking(False)
+            fd = sock.fileno()
+            client = Client(sock, self._clock() + REQUEST_DEADLINE_S)
+            self._clients[fd] = client
+            self._watch(fd, False)
+            if len(self._clients) > MAX_CLIENTS:
+                self._fail(fd, client, f"too many control clients (at most {MAX_CLIENTS})")
+            elif not self._allowed(sock):
+                emit(EventName.CONTROL_REFUSED, "warning", reason="permission denied")
+                self._fail(fd, client, "permission denied", "run as the master's user or root")
+            else:
+                heapq.heappush(self._deadlines, (client.deadline, fd))
+
+    def on_client(self, fd: int, readable: bool, writable: bool) -> None:
+        client = self._clients.get(fd)
+        if client is None:
+            return
+        if writable:
+            self._flush(fd, client)
+        if readable and fd in self._clients:
+            self._read(fd, client)
+
+    def on_report(self, event: str, fields: Mapping[str, object]) -> None:
+        """What the machine reported: route reload progress and results to waiting clients."""
+        gen = fields.get("gen")
+        match event:
+            case EventName.RELOAD_REQUESTED if isinstance(gen, int):
+                self._seen_start = "started"
+                self._reloads.setdefault(gen, []).extend(self._next_reload)
+                self._next_reload = []
+            case EventName.RELOAD_QUEUED:
+                self._seen_start = "queued"
+            case EventName.RELOAD_REFUSED:
+                self._seen_start = "refused"
+            case EventName.RELOAD_SUCCEEDED | EventName.RELOAD_FAILED if isinstance(gen, int):
+                ok = event == EventName.RELOAD_SUCCEEDED
+                result = {"gen": gen, "duration_s": fields.get("duration_s")}
+                if not ok:
+                    result["reason"] = fields.get("reason")
+                for client in self._reloads.pop(gen, []):
+                    self._finish(client, encode("result", ok=ok, **result))
+            case EventName.MASTER_STOPPING:
+                for client in self._next_reload:
+                    self._finish(
+                        client, encode("result", ok=False, reason="cancelled: master stopping")
+                    )
+                self._next_reload = []
+            case _:
+                pass
+        self._progress(event, fields)
+
+    def close(self) -> None:
+        for fd, client in list(self._clients.items()):
+            if not client.closing:
+                with contextlib.suppress(OSError):
+                    client.sock.send(error_line("the master exited"))
+            self._drop(fd)
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _read(self, fd: int, client: Client) -> None:
+        try:
+            data = client.sock.recv(MAX_LINE + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        if not data:
+            self._drop(fd)  # the client went away (mid-request or while waiting)
+            return
+        if client.answered:
+            return  # one request per connection: later bytes are ignored
+        client.inbox += data
+        line, newline, _ = client.inbox.partition(b"\n")
+        if not newline:
+            if len(client.inbox) > MAX_LINE:
+                self._fail(fd, client, f"request line longer than {MAX_LINE} bytes")
+            return
+        client.answered = True
+        try:
+            request = parse_request(bytes(line))
+        except BadRequest as exc:
+            self._fail(fd, client, exc.message, exc.hint)
+            return
+        match request.command:
+            case Command.STATUS:
+                self._finish(client, encode("result", ok=True, status=self._status()))
+            case Command.STOP:
+                self._submit(ev.StopRequested(fast=False, source="control"))
+                self._finish(client, encode("result", ok=True, pid=os.getpid()))
+            case Command.SCALE:
+                was = self._scale_target()
+                self._submit(ev.ScaleRequested(source="control", workers=request.workers))
+                if self._scale_target() == was and request.workers != was:
+                    self._fail(fd, client, "the master is stopping")
+                else:
+                    self._finish(
+                        client, encode("result", ok=True, workers=self._scale_target(), was=was)
+                    )
+            case Command.RELOAD:
+                self._reload(fd, client, wait=request.wait)
+
+    def _reload(self, fd: int, client: Client, *, wait: bool) -> None:
+        if self._state() is MasterState.STOPPING:
+            self._fail(fd, client, "the master is stopping", "a stopping master does not reload")
+            return
+        if wait:
+            self._next_reload.append(client)
+        self._seen_start = ""
+        self._submit(ev.ReloadRequested(source="control"))
+        if not wait:
+            self._finish(client, encode("result", ok=True, accepted=self._seen_start or "queued"))
+
+    def _progress(self, event: str, fields: Mapping[str, object]) -> None:
+        gen = fields.get("gen")
+        if event not in _PROGRESS or not self._reloads or not isinstance(gen, int):
+            return
+        if event == EventName.GENERATION_STARTED:
+            self._sizes[gen] = int(str(fields.get("workers", 0)))
+            self._ready[gen] = 0
+        elif event == EventName.WORKER_READY:
+            self._ready[gen] = self._ready.get(gen, 0) + 1
+        counted = {**fields, "ready_count": self._ready.get(gen, 0)}
+        message = progress_message(event, counted, self._sizes)
+        if message is None:
+            return
+        line = encode("progress", event=event, gen=gen, message=message)
+        if event == EventName.GENERATION_DRAINING:
+            # The old generation's draining belongs to the reload in progress.
+            targets = [c for waiting in self._reloads.values() for c in waiting]
+        else:
+            targets = list(self._reloads.get(gen, []))
+        for client in targets:
+            self._send(client, line)
+
+    # -- output and teardown -----------------------------------------------------------
+
+    def _send(self, client: Client, line: bytes) -> None:
+        fd = client.sock.fileno()
+        if fd not in self._clients:
+            return
+        client.outbox += line
+        if len(client.outbox) > MAX_OUTPUT:
+            self._drop(fd)  # it stopped reading
+            return
+        self._flush(fd, client)
+
+    def _finish(self, client: Client, line: bytes) -> None:
+        client.closing = True
+        self._send(client, line)
+
+    def _fail(self, fd: int, client: Client, message: str, hint: str = "") -> None:
+        client.answered = True
+        self._finish(client, error_line(message, hint))
+
+    def _flush(self, fd: int, client: Client) -> None:
+        while client.outbox:
+            try:
+                sent = client.sock.send(client.outbox)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._drop(fd)
+                return
+            del client.outbox[:sent]
+        if not client.outbox and client.closing:
+            self._drop(fd)
+            return
+        want = bool(client.outbox)
+        if want != client.wants_write:
+            client.wants_write = want
+            self._watch(fd, want)
+
+    def _drop(self, fd: int) -> None:
+        client = self._clients.pop(fd, None)
+        if client is None:
+            return
+        self._next_reload = [c for c in self._next_reload if c is not client]
+        for waiting in self._reloads.values():
+            if client in waiting:
+                waiting.remove(client)
+        self._unwatch(fd)
+        client.sock.close()
+
+    def _allowed(self, sock: socket.socket) -> bool:
+        pid, uid, gid = _CREDENTIALS.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+        )
+        if uid in (0, os.geteuid()):
+            return True
+        return self._group is not None and (gid == self._group or self._group in _groups(pid))
+
+
+def _groups(pid: int) -> set[int]:
+    """The supplementary groups of a process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()

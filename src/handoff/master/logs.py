@@ -1,0 +1,84 @@
+"""structlog set-up: JSON lines off a terminal (journald), a readable console on one.
+
+Layer 2 (shell). Event names are stable dotted identifiers, catalogued in docs/events.md.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+from typing import Final, TextIO
+
+import structlog
+
+from handoff.formats.log_events import EventName, Level
+from handoff.formats.options import LogFormat
+
+LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class LineWriter:
+    """A structlog logger that writes each line with a single write(2).
+
+    Workers share the master's stderr. Python's stderr is unbuffered on a pipe, so
+    ``print`` (structlog's PrintLogger) writes the message and its newline separately,
+    and a worker's output can land in between: a JSON line then no longer parses, in
+    journald or anywhere else. One write of up to PIPE_BUF (4096) bytes is atomic on a
+    pipe, so lines stay whole.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (OSError, io.UnsupportedOperation):
+            self._fd = None  # an in-memory stream (tests): nothing else writes to it
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        if self._fd is None:
+            self._stream.write(line)
+            self._stream.flush()
+            return
+        self._stream.flush()
+        data = line.encode("utf-8", "replace")
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    debug = info = warning = error = critical = exception = msg
+
+
+def configure(fmt: LogFormat, level: str, stream: TextIO | None = None) -> None:
+    out = stream if stream is not None else sys.stderr
+    if fmt is LogFormat.AUTO:
+        fmt = LogFormat.CONSOLE if out.isatty() else LogFormat.JSON
+    processors: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt is LogFormat.JSON:
+        processors.append(structlog.processors.JSONRenderer(sort_keys=False))
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty(), pad_event=24))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=lambda *_: LineWriter(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def emit(event: EventName, level: Level | str = Level.INFO, /, **fields: object) -> None:
+    """Log one event at the named level."""
+    logger = structlog.get_logger("handoff")
+    match level:
+        case "debug":
+            logger.debug(event, **fields)
+        case "warning":
+            logger.warning(event, **fields)
+        case "error":
+            logger.error(event, **fields)
+        case _:
+            logger.info(event, **fields)

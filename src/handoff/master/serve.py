@@ -1,0 +1,159 @@
+"""The master process's lifetime: warden, signals, sockets, pidfile, loop, clean-up.
+
+Layer 2 (shell). Order matters: the warden is forked before any socket exists (so it
+never holds the port), the signal handlers are installed before binding (a signal that
+arrives during start-up waits in the inbox instead of killing the master), and the
+sockets close last, after every worker is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+from handoff.errors import HandoffError
+from handoff.formats.log_events import EventName
+from handoff.formats.options import RunConfig
+from handoff.formats.worker_contract import expand_placeholders
+from handoff.master.logs import emit
+from handoff.master.loop import MasterLoop
+from handoff.system import children
+from handoff.system import systemd_sockets as activation
+from handoff.system.signals import SignalInbox
+from handoff.system.sockets import Listener, close_listeners, default_backlog, open_listeners
+from handoff.system.systemd_notify import SystemdNotifier
+from handoff.system.warden import start_warden
+
+
+def serve(run_config: RunConfig) -> tuple[int, str]:
+    """Own the sockets and run the master loop until it exits; return (exit code, reason)."""
+    passed = activation.passed_sockets(os.environ, os.getpid())
+    specs = activation.resolve(run_config.binds, passed)
+    expand_placeholders(run_config.command, len(specs))  # validate {fdN} early
+    children.check_platform()
+    # The warden is forked before any socket exists, so it never holds the port.
+    if run_config.control_path is not None:
+        _prepare_control_directory(run_config.control_path)
+    warden = start_warden(run_config.name)
+    inbox = SignalInbox()
+    listeners = []
+    try:
+        listeners = open_listeners(specs, run_config.backlog or default_backlog())
+        unused = activation.close_unused(passed, specs)
+        for name in unused:
+            emit(
+                EventName.LISTENER_UNUSED,
+                name=name,
+                reason="no --bind took this socket systemd passed",
+            )
+        for index, listener in enumerate(listeners):
+            inet = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
+            port = listener.sock.getsockname()[1] if inet else None
+            emit(
+                EventName.LISTENER_BOUND,
+                address=listener.address,
+                fd=3 + index,
+                name=listener.name,
+                port=port,
+            )
+        _sync_fd_store(listeners, unused)
+        _write_pidfile(run_config.pidfile)
+        children.become_subreaper()
+        emit(
+            EventName.MASTER_STARTED,
+            pid=os.getpid(),
+            name=run_config.name,
+            workers=run_config.workers,
+            ready=run_config.ready.describe(),
+            command=list(run_config.command),
+        )
+        loop = MasterLoop(run_config, listeners, warden, inbox, environ=os.environ)
+        try:
+            code = loop.run()
+        except HandoffError:
+            raise  # an expected failure (e.g. the control socket in use): reported by the CLI
+        except Exception as exc:
+            emit(
+                EventName.MASTER_CRASHED,
+                "error",
+                error=repr(exc),
+                hint="a bug in handoff: please report it",
+            )
+            raise
+        reason = loop.exit_reason
+    finally:
+        inbox.close()
+        close_listeners(listeners)
+        _remove_pidfile(run_config.pidfile)
+        warden.release()
+    emit(EventName.MASTER_EXITED, exit_code=code, reason=reason)
+    return code, reason
+
+
+def _write_pidfile(path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise HandoffError(
+            f"cannot write --pidfile {path}: {exc.strerror}",
+            hint="check the directory exists and is writable",
+        ) from None
+
+
+def _remove_pidfile(path: str | None) -> None:
+    if path is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="ascii") as f:
+            if int(f.read().strip()) != os.getpid():
+                return  # a successor's pidfile
+        os.unlink(path)
+
+
+def _prepare_control_directory(path: str) -> None:
+    """Create the control socket's directory (0700) if missing; refuse one we do not own."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        owner = os.stat(directory).st_uid
+    except OSError as exc:
+        raise HandoffError(
+            f"cannot create the control socket directory {directory}: {exc.strerror}",
+            hint="choose another place with --control PATH",
+        ) from None
+    if owner not in (os.geteuid(), 0):
+        raise HandoffError(
+            f"the control socket directory {directory} belongs to another user",
+            hint="choose another place with --control PATH",
+        )
+
+
+def _sync_fd_store(listeners: list[Listener], unused: list[str]) -> None:
+    """Under systemd, keep a copy of each listener we bound in its fd store, and drop
+    the stored sockets that no --bind uses any more (their port closes).
+
+    A crashed or restarted master then gets the same sockets back (with
+    FileDescriptorStoreMax= > 0 in the unit): the port never closes. Sockets a .socket
+    unit passed are systemd's already.
+    """
+    notifier = SystemdNotifier.from_environment(os.environ)
+    if notifier is None:
+        return
+    try:
+        for name in unused:
+            if name.startswith(activation.STORE_PREFIX):
+                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
+        for listener in listeners:
+            if listener.spec.name and not listener.spec.name.startswith(activation.STORE_PREFIX):
+                continue
+            name = activation.store_name(listener.spec)
+            if notifier.store_fd(listener.fileno(), name):
+                emit(EventName.LISTENER_STORED, address=listener.address, name=name)
+    finally:
+        notifier.close()

@@ -1,0 +1,75 @@
+"""What ``handoff status`` shows: the master, its generations and workers, as plain data.
+
+Layer 2 (shell). Built on request from the machine's records, the master's settings and
+psutil's view of each worker's process tree (CPU, RSS, connections on the listening
+ports).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from handoff.core.machine import Supervisor
+from handoff.formats.options import RunConfig
+from handoff.system.process_tree import tree_usage
+from handoff.system.sockets import Listener
+
+
+def build_status(
+    *,
+    machine: Supervisor,
+    config: RunConfig,
+    listeners: Sequence[Listener],
+    ports: frozenset[int],
+    started_at: float,
+    now: float,
+    control_path: str,
+) -> dict[str, object]:
+    generations = []
+    for gen in machine.generations.values():
+        workers = []
+        for worker in sorted(gen.workers.values(), key=lambda w: w.slot):
+            usage = tree_usage(worker.pid, ports)
+            workers.append(
+                {
+                    "worker": worker.slot,
+                    "pid": worker.pid,
+                    "state": worker.state.value,
+                    "age_s": round(now - worker.started_at, 1),
+                    "cpu_s": usage.cpu_s,
+                    "rss_bytes": usage.rss_bytes,
+                    "connections": usage.connections,
+                    "processes": usage.processes,
+                }
+            )
+        generations.append(
+            {
+                "gen": gen.id,
+                "state": gen.state.value,
+                "age_s": round(now - gen.started_at, 1),
+                "size": gen.size,
+                "workers": workers,
+            }
+        )
+    last = machine.last_reload
+    return {
+        "master": {
+            "pid": os.getpid(),
+            "name": config.name,
+            "state": machine.state.value,
+            "uptime_s": round(now - started_at, 1),
+            "ready": config.ready.describe(),
+            "workers": machine.workers_target,
+            "command": list(config.command),
+            "sockets": [
+                {"address": lst.address, "fd": 3 + index, "name": lst.name}
+                for index, lst in enumerate(listeners)
+            ],
+            "control": control_path,
+        },
+        "generations": generations,
+        "last_reload": None
+        if last is None
+        else {"gen": last.gen, "ok": last.ok, "reason": last.reason, "duration_s": last.duration_s},
+    }

@@ -1,0 +1,177 @@
+"""Child processes: fork + execve with the sockets in place, pidfds, signals, reaping.
+
+Layer 1 (OS mechanics). Why fork + execve and not subprocess: LISTEN_PID must be the
+worker's own pid, which only exists after fork. Forking is safe because the master is
+single-threaded. Between fork and exec the child only moves fds, resets signals and sets
+its session; an exec failure travels back as errno over a close-on-exec pipe.
+
+Why pidfds: a pidfd names one process for good, so a signal can never hit a recycled pid,
+and ``waitid(P_PIDFD)`` reaps exactly that child (never ``waitpid(-1)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import resource
+import signal
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from handoff.core.model import ExitStatus, Pid
+from handoff.errors import PlatformError, SpawnError
+from handoff.formats.worker_contract import FIRST_LISTEN_FD
+from handoff.system import signals
+
+_PR_SET_PDEATHSIG: Final = 1
+_PR_SET_CHILD_SUBREAPER: Final = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpawnRequest:
+    executable: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    listen_fds: Sequence[int] = ()
+    set_listen_pid: bool = False
+    die_with_parent: bool = True
+
+
+@dataclass(slots=True)
+class Child:
+    pid: Pid
+    pidfd: int
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def check_platform() -> None:
+    """Fail clearly where the kernel or a seccomp filter lacks pidfds."""
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except OSError as exc:
+        raise PlatformError(
+            f"pidfd_open is not available ({errno.errorcode.get(exc.errno or 0, exc.errno)})",
+            hint="handoff needs Linux >= 5.4; a container's seccomp profile may block pidfd_open",
+        ) from None
+    os.close(fd)
+
+
+def become_subreaper() -> None:
+    """Orphans of worker trees are re-parented to the master, so it can find and reap them."""
+    if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise PlatformError(
+            "prctl(PR_SET_CHILD_SUBREAPER) failed", hint="handoff needs Linux >= 3.4"
+        )
+
+
+def spawn(request: SpawnRequest) -> Child:
+    """Start a child in its own session; raise SpawnError if exec fails."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+    with signals.blocked():
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child; its only way out is exec or _exit
+            os.close(read_end)
+            _exec_child(request, write_end, parent)
+    os.close(write_end)
+    pidfd = os.pidfd_open(pid)  # the child cannot be reaped before we wait: no race
+    try:
+        data = _read_all(read_end)
+    finally:
+        os.close(read_end)
+    child = Child(Pid(pid), pidfd)
+    if data:
+        wait(child, block=True)
+        child.close()
+        (code,) = struct.unpack("i", data[:4])
+        raise SpawnError(f"cannot execute '{request.executable}': {os.strerror(code)}")
+    return child
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 64):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _exec_child(request: SpawnRequest, error_pipe: int, parent: int) -> None:  # pragma: no cover
+    try:
+        os.setsid()
+        if request.die_with_parent:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)  # the master died before prctl took effect
+        signals.reset_in_child()
+        count = len(request.listen_fds)
+        top = FIRST_LISTEN_FD + count
+        # Move every fd we keep above the target range first, so a dup2 never overwrites a
+        # source; dup2 onto a different fd also clears close-on-exec, which we need.
+        # (dup2 of an fd onto itself would keep CLOEXEC set.)
+        moved = [_dup_above(fd, top) for fd in request.listen_fds]
+        error_pipe = _dup_above(error_pipe, top + count)
+        for index, fd in enumerate(moved):
+            os.dup2(fd, FIRST_LISTEN_FD + index, inheritable=True)
+        os.closerange(top, error_pipe)
+        os.closerange(error_pipe + 1, _fd_limit())
+        env = dict(request.env)
+        if request.set_listen_pid:
+            env["LISTEN_PID"] = str(os.getpid())
+        os.execve(request.executable, list(request.argv), env)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.write(error_pipe, struct.pack("i", exc.errno or errno.EIO))
+    except BaseException:  # noqa: S110 - nothing may escape into a copy of the master
+        pass
+    os._exit(127)
+
+
+def _dup_above(fd: int, minimum: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, minimum)
+
+
+def _fd_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def wait(child: Child, *, block: bool = False) -> ExitStatus | None:
+    """Reap the child if it has exited; None if it still runs."""
+    flags = os.WEXITED | (0 if block else os.WNOHANG)
+    result = os.waitid(os.P_PIDFD, child.pidfd, flags)
+    if result is None:
+        return None
+    if result.si_code == os.CLD_EXITED:
+        return ExitStatus(code=result.si_status)
+    return ExitStatus(signal=result.si_status)
+
+
+def send_signal(child: Child, sig: signal.Signals) -> bool:
+    """Signal the child through its pidfd; False if it has already exited."""
+    try:
+        signal.pidfd_send_signal(child.pidfd, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_group(pgid: int) -> bool:
+    """SIGKILL a process group; False if it is empty.
+
+    Safe while the group leader is unreaped: its pid (the pgid) cannot be recycled.
+    """
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

@@ -1,0 +1,145 @@
+"""Stop an old worker accepting, from outside, before it gets the stop signal.
+
+Layer 1 (OS mechanics). Most servers stop accepting only once they begin to shut down,
+and a connection accepted in that instant can be dropped unread. So the master removes
+the worker's interest in the listening socket itself: ``pidfd_getfd`` (Linux 5.6) gives
+the master a copy of the worker's epoll fd; an epoll registration is keyed by (open file,
+fd number), so with its own copy of the listening socket placed on the fd number the
+worker used, ``EPOLL_CTL_DEL`` removes exactly the worker's registration. From then on
+the kernel wakes only the other generation for new connections, while the old worker
+keeps serving the connections it holds.
+
+Where it cannot be done (no pidfd_getfd, a server blocked in accept or select instead of
+epoll, no permission), nothing is changed and the stop signal alone does the job; the
+caller logs which path was taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import select
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from handoff.core.model import Pid
+from handoff.formats.procfs import EpollTarget
+from handoff.system import signals
+from handoff.system.accepting_scan import epoll_registrations, process_fds
+from handoff.system.process_tree import descendants
+
+_SYS_PIDFD_GETFD: Final = {"x86_64": 438, "aarch64": 438}
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+@dataclass(frozen=True, slots=True)
+class Detachment:
+    processes: int
+    registrations: int
+    reason: str = ""  # why nothing was removed
+
+    @property
+    def path(self) -> str:
+        return "epoll" if self.registrations else "signal-only"
+
+
+def detach(root: Pid, listeners: Mapping[int, int]) -> Detachment:
+    """Remove every epoll registration of the listening sockets in root's tree.
+
+    listeners maps a socket inode to the master's fd of that socket.
+    """
+    tree = [root, *descendants(root)]
+    removed = 0
+    reason = ""
+    for pid in tree:
+        try:
+            fds = process_fds(pid)
+            registrations = list(epoll_registrations(pid, fds, listeners))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        except PermissionError:
+            reason = f"cannot read /proc/{pid} (permission denied)"
+            continue
+        for epfd, targets in registrations:
+            try:
+                removed += _remove(pid, epfd, targets, listeners)
+            except OSError as exc:
+                reason = f"taking pid {pid} off the socket: {os.strerror(exc.errno or errno.EIO)}"
+    if not removed and not reason:
+        reason = "no epoll registration of the listening socket (blocking accept, select or poll)"
+    return Detachment(
+        processes=len(tree), registrations=removed, reason=reason if not removed else ""
+    )
+
+
+def _remove(pid: Pid, epfd: int, targets: list[EpollTarget], listeners: Mapping[int, int]) -> int:
+    pidfd = os.pidfd_open(pid)
+    try:
+        # Signals are blocked so that no handler runs (or writes its wakeup byte) while one
+        # of the master's fd numbers temporarily names a listening socket.
+        with signals.blocked(), _placed(targets, listeners):
+            epoll = select.epoll.fromfd(_pidfd_getfd(pidfd, epfd))
+            try:
+                removed = 0
+                for target in targets:
+                    with contextlib.suppress(FileNotFoundError):  # ENOENT: already gone
+                        epoll.unregister(target.fd)
+                        removed += 1
+                return removed
+            finally:
+                epoll.close()
+    finally:
+        os.close(pidfd)
+
+
+@contextlib.contextmanager
+def _placed(targets: list[EpollTarget], listeners: Mapping[int, int]):  # type: ignore[no-untyped-def]
+    """Put a copy of each target's listening socket on the target's fd number, then restore.
+
+    Sources are copied to scratch fds first, and whatever the master had on a target
+    number is saved, so no swap can overwrite another's source.
+    """
+    # Scratch copies go above every target number, so no swap lands on one of them (and
+    # not at a fixed high number: F_DUPFD fails above the soft RLIMIT_NOFILE, 1024 under
+    # systemd by default).
+    base = max(t.fd for t in targets) + 1
+    sources = {t.fd: fcntl.fcntl(listeners[t.inode], fcntl.F_DUPFD_CLOEXEC, base) for t in targets}
+    saved: dict[int, tuple[int, bool]] = {}
+    try:
+        for number in sources:
+            with contextlib.suppress(OSError):  # EBADF: the number is free in the master
+                saved[number] = (
+                    fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, base),
+                    os.get_inheritable(number),
+                )
+        for number, source in sources.items():
+            os.dup2(source, number, inheritable=False)
+        yield
+    finally:
+        for number in sources:
+            if number in saved:
+                copy, inheritable = saved[number]
+                os.dup2(copy, number, inheritable=inheritable)
+                os.close(copy)
+            else:
+                os.close(number)
+        for source in sources.values():
+            os.close(source)
+
+
+def _pidfd_getfd(pidfd: int, target: int) -> int:
+    import platform  # noqa: PLC0415
+
+    number = _SYS_PIDFD_GETFD.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, "pidfd_getfd: unknown architecture")
+    fd = _libc.syscall(number, pidfd, target, 0)
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(fd)

@@ -1,0 +1,91 @@
+"""Sockets systemd passes to the master: socket activation and the fd store.
+
+Layer 1 (OS mechanics). systemd passes sockets as fds 3.. with LISTEN_FDS, LISTEN_PID (it
+must be our pid) and LISTEN_FDNAMES: those of a .socket unit (named after FileDescriptorName=,
+or the unit), and those the master stored in the fd store (FDSTORE=1, named by us
+"handoff_" + the --bind text) before a crash or restart. Stored ones are adopted instead
+of binding again, so the port never closes; activated ones are used when no --bind is
+given, or picked with --bind fd:NAME.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping, MutableMapping
+from typing import Final
+
+from handoff.errors import ConfigError
+from handoff.formats.options import DEFAULT_BIND, BindKind, BindSpec, parse_bind
+from handoff.formats.worker_contract import FDSTORE_PREFIX, FIRST_LISTEN_FD
+
+STORE_PREFIX: Final = FDSTORE_PREFIX
+
+
+def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int]:
+    """name -> fd of the sockets systemd passed to pid; the LISTEN_* variables are removed."""
+    count = environ.pop("LISTEN_FDS", "")
+    listen_pid = environ.pop("LISTEN_PID", "")
+    names = environ.pop("LISTEN_FDNAMES", "")
+    if not count.isdigit() or listen_pid != str(pid):
+        return {}
+    listed = names.split(":") if names else []
+    passed: dict[str, int] = {}
+    for index in range(int(count)):
+        fd = FIRST_LISTEN_FD + index
+        name = listed[index] if index < len(listed) and listed[index] else f"fd{fd}"
+        try:
+            os.set_inheritable(fd, False)  # ours; workers get their own copies at fd 3..
+        except OSError:
+            raise ConfigError(
+                f"LISTEN_FDS={count} but file descriptor {fd} is not open",
+                hint="whatever started handoff passed fewer sockets than it announced",
+            ) from None
+        passed.setdefault(name, fd)
+    return passed
+
+
+def store_name(spec: BindSpec) -> str:
+    """The fd store name of a listener handoff bound itself (systemd: no ':', ≤ 255)."""
+    return (STORE_PREFIX + re.sub(r"[^A-Za-z0-9_.@/-]", "_", spec.text))[:255]
+
+
+def resolve(specs: tuple[BindSpec, ...], passed: Mapping[str, int]) -> tuple[BindSpec, ...]:
+    """What to listen on: the --bind specs, with passed sockets adopted where they fit."""
+    if not specs:
+        activated = [(name, fd) for name, fd in passed.items() if not name.startswith(STORE_PREFIX)]
+        if activated:
+            return tuple(
+                BindSpec(kind=BindKind.FD, text=f"fd:{name}", fd=fd, name=name)
+                for name, fd in activated
+            )
+        specs = (parse_bind(DEFAULT_BIND),)
+    return tuple(_adopt_passed(spec, passed) for spec in specs)
+
+
+def _adopt_passed(spec: BindSpec, passed: Mapping[str, int]) -> BindSpec:
+    if spec.kind is BindKind.FD and spec.name:
+        if spec.name not in passed:
+            known = ", ".join(passed) or "none"
+            raise ConfigError(
+                f"--bind {spec.text}: systemd passed no socket named '{spec.name}' "
+                f"(passed: {known})",
+                hint="name it with FileDescriptorName= in the .socket unit, or use fd:N",
+            )
+        return BindSpec(kind=BindKind.FD, text=spec.text, fd=passed[spec.name], name=spec.name)
+    stored = passed.get(store_name(spec))
+    if stored is not None and spec.kind is not BindKind.FD:
+        # The fd store gave our own listener back (a crash or restart): adopt, do not bind.
+        return BindSpec(kind=BindKind.FD, text=spec.text, fd=stored, name=store_name(spec))
+    return spec
+
+
+def close_unused(passed: Mapping[str, int], used: tuple[BindSpec, ...]) -> list[str]:
+    """Close the passed sockets no spec took; return their names."""
+    taken = {spec.fd for spec in used if spec.kind is BindKind.FD}
+    unused = [name for name, fd in passed.items() if fd not in taken]
+    for name in unused:
+        with contextlib.suppress(OSError):
+            os.close(passed[name])
+    return unused
