@@ -32,13 +32,13 @@ from pathlib import Path
 
 from handoff.demo.drill import (
     DrillConfig,
-    DrillError,
     DrillResult,
     clean_environment,
     run_drill,
     spawn_with_listener,
 )
 from handoff.demo.load import LoadConfig, LoadGenerator, LoadStats
+from handoff.demo.master_process import DrillError
 from handoff.errors import HandoffError
 
 KILL_WAIT_S = 10.0

@@ -1,6 +1,6 @@
 """User-facing failures: each carries a one-line message, a hint and an exit code.
 
-Layer 0 (pure). The CLI prints ``handoff: error: <message>`` and ``hint: <hint>`` and
+Pure. The CLI prints ``handoff: error: <message>`` and ``hint: <hint>`` and
 exits with ``exit_code``; nothing else in the package calls ``sys.exit``.
 """
 

@@ -94,8 +94,8 @@ class FakeLoop:
         self.now = target
         return self.log[start:]
 
-    def ready(self, pid: Pid, *, sender: Pid | None = None) -> list[act.Action]:
-        return self.feed(ev.WorkerNotified(pid=pid, sender=sender or pid, ready=True))
+    def ready(self, pid: Pid) -> list[act.Action]:
+        return self.feed(ev.WorkerNotified(pid=pid, ready=True))
 
     def exit(self, pid: Pid, *, code: int | None = 0, sig: int | None = None) -> list[act.Action]:
         assert pid in self.alive, f"pid {pid} is not a live fake process"
@@ -257,16 +257,6 @@ def test_first_generation_ready_via_notify_serves() -> None:
     assert len(loop.timers) == 0  # both ready timeouts were cancelled
     assert not loop.stop_signals()
     assert not loop.exits
-
-
-def test_ready_sent_by_a_descendant_counts_for_its_worker() -> None:
-    loop = FakeLoop(make_policy(workers=1))
-    loop.start()
-    (pid,) = loop.pids(1)
-
-    out = loop.ready(pid, sender=Pid(4242))
-
-    assert "generation.active" in names(out)
 
 
 @pytest.mark.parametrize(
@@ -1007,7 +997,7 @@ def test_ready_for_an_unknown_pid_is_ignored() -> None:
     loop = FakeLoop(make_policy(workers=1))
     loop.start()
 
-    assert loop.feed(ev.WorkerNotified(pid=Pid(9999), sender=Pid(9999), ready=True)) == []
+    assert loop.feed(ev.WorkerNotified(pid=Pid(9999), ready=True)) == []
     assert loop.gen_state(1) is GenerationState.STARTING
 
 
@@ -1029,7 +1019,7 @@ def test_status_notification_is_recorded_on_the_worker() -> None:
     loop.start()
     pid = loop.pid(1, 0)
 
-    assert loop.feed(ev.WorkerNotified(pid=pid, sender=pid, status="warming up")) == []
+    assert loop.feed(ev.WorkerNotified(pid=pid, status="warming up")) == []
 
     worker = loop.machine.worker(pid)
     assert worker is not None

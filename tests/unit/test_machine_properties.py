@@ -1,12 +1,10 @@
 """Invariants of the supervisor machine under random event sequences (Hypothesis).
 
 Random reloads, stops, readiness, exits, probe results, spawn failures and clock steps go
-through the same ``FakeLoop`` as test_machine.py; after every step the design's invariants
-(design.md §6) must hold, and at the end a graceful stop must always reach ``Exit`` with
-no worker left.
-
-``SupervisorRules.workarounds`` once steered around machine bugs (now fixed, with tests in
-test_machine.py); it stays off.
+through the same ``FakeLoop`` as test_machine.py, with the settle delay drawn too (0, or
+above 0 as shipped: the detach -> settle -> signal path); after every step the machine's
+invariants (docs/architecture.md) must hold, and at the end a graceful stop must always
+reach ``Exit`` with no worker left.
 """
 
 from __future__ import annotations
@@ -29,9 +27,8 @@ from handoff.core import actions as act
 from handoff.core import events as ev
 from handoff.core.model import GenerationState, MasterState, Pid, WorkerState
 from handoff.core.policy import Policy
-from handoff.core.timers import TimerKey, TimerKind
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
-from handoff.formats.options import ReadyMode, ReadySpec
+from handoff.formats.options import DEFAULT_SETTLE_S, ReadyMode, ReadySpec
 from tests.unit.test_machine import FakeLoop
 
 SETTINGS = settings(
@@ -49,56 +46,25 @@ READY_SPECS = {
     "auto": ReadySpec(mode=ReadyMode.AUTO),
 }
 STEPS = [0.05, 0.1, 0.3, 1.0, 2.0, 5.0, 12.0]
+SETTLES = [0.0, DEFAULT_SETTLE_S, 1.0]
 STOP = signal.SIGTERM
-
-
-class ObedientLoop(FakeLoop):
-    """A FakeLoop in which a worker stopped while its generation is ACTIVE (a respawn that
-    missed its ready timeout) has exited by the time its replacement is due (workaround 3).
-    """
-
-    def __init__(self, policy: Policy) -> None:
-        super().__init__(policy)
-        self._told: list[Pid] = []
-
-    def _execute(self, action: act.Action) -> None:
-        super()._execute(action)
-        if isinstance(action, act.SendSignal) and action.signal is self.policy.stop_signal:
-            worker = self.machine.worker(action.pid)
-            gen = self.machine.generations.get(worker.gen) if worker else None
-            if gen is not None and gen.state is GenerationState.ACTIVE:
-                self._told.append(action.pid)
-
-    def before_timers(self, due: list[TimerKey]) -> None:
-        respawning = {(k.ident, k.slot) for k in due if k.kind is TimerKind.RESPAWN}
-        for pid in list(self._told):
-            if self.spawned[pid] in respawning:
-                self._told.remove(pid)
-                if pid in self.alive:
-                    self.exit(pid)
 
 
 class SupervisorRules(RuleBasedStateMachine):
     """Random drive of the machine; invariants checked after every step."""
 
-    # The workarounds for the bugs demonstrated in test_machine.py (strict xfails there):
-    # 1. a spawn failure is only injected into the last slot (an early slot's failure
-    #    leaves later SpawnWorker actions for a GONE generation: KeyError);
-    # 2. no stop while a reload runs with another queued (InvalidTransition);
-    # 3. a respawned worker that misses its ready timeout has exited by the time its
-    #    replacement is due (else the replacement hides it: Exit while it is alive, then
-    #    KeyError); see ObedientLoop.
-    workarounds = False
-
     def __init__(self) -> None:
         super().__init__()
-        self.loop: FakeLoop = FakeLoop(_policy(1, "notify"))
+        self.loop: FakeLoop = FakeLoop(_policy(1, "notify", 0.0))
         self.first_stopping = -1  # index in loop.log of the first master.stopping report
 
-    @initialize(workers=st.integers(1, 3), mode=st.sampled_from(sorted(READY_SPECS)))
-    def boot(self, workers: int, mode: str) -> None:
-        policy = _policy(workers, mode)
-        self.loop = ObedientLoop(policy) if self.workarounds else FakeLoop(policy)
+    @initialize(
+        workers=st.integers(1, 3),
+        mode=st.sampled_from(sorted(READY_SPECS)),
+        settle_s=st.sampled_from(SETTLES),
+    )
+    def boot(self, workers: int, mode: str, settle_s: float) -> None:
+        self.loop = FakeLoop(_policy(workers, mode, settle_s))
         self.loop.start()
 
     # -- rules ------------------------------------------------------------------------
@@ -129,8 +95,6 @@ class SupervisorRules(RuleBasedStateMachine):
     def stop(self, source: str, dice: int) -> None:
         if dice != 0:
             return  # a stop ends the interesting part of a run: make it rarer than the rest
-        if self.workarounds and self._reload_queued_while_reloading():
-            return
         self.loop.stop(fast=source == "SIGQUIT", source=source)
 
     @precondition(running)
@@ -139,10 +103,10 @@ class SupervisorRules(RuleBasedStateMachine):
         self.loop.feed(ev.ForwardRequested(signal=signal.SIGUSR1))
 
     @precondition(lambda self: self.running() and self.loop.alive)
-    @rule(index=st.integers(0, 20), sender_is_child=st.booleans())
-    def ready(self, index: int, sender_is_child: bool) -> None:
+    @rule(index=st.integers(0, 20))
+    def ready(self, index: int) -> None:
         pid = self._pick(index)
-        self.loop.ready(pid, sender=Pid(pid + 10_000) if sender_is_child else pid)
+        self.loop.ready(pid)
 
     @precondition(running)
     @rule()
@@ -162,7 +126,7 @@ class SupervisorRules(RuleBasedStateMachine):
     @precondition(running)
     @rule()
     def ready_from_a_stranger(self) -> None:
-        assert self.loop.feed(ev.WorkerNotified(pid=Pid(1), sender=Pid(1), ready=True)) == []
+        assert self.loop.feed(ev.WorkerNotified(pid=Pid(1), ready=True)) == []
 
     @precondition(lambda self: self.running() and self.loop.alive)
     @rule(index=st.integers(0, 20), ok=st.booleans())
@@ -187,7 +151,7 @@ class SupervisorRules(RuleBasedStateMachine):
     @rule(slot=st.integers(0, 2))
     def fail_next_spawn(self, slot: int) -> None:
         last = self.loop.policy.workers - 1
-        self.loop.fail_spawn(None, last if self.workarounds else min(slot, last))
+        self.loop.fail_spawn(None, min(slot, last))
 
     # -- invariants -------------------------------------------------------------------
 
@@ -214,11 +178,29 @@ class SupervisorRules(RuleBasedStateMachine):
         assert all(n == 1 for n in kills.values()), kills
 
     @invariant()
+    def a_worker_is_taken_off_the_socket_before_its_stop_signal(self) -> None:
+        detached: set[Pid] = set()
+        for action in self.loop.log:
+            if isinstance(action, act.DetachListeners):
+                detached.add(action.pid)
+            elif isinstance(action, act.SendSignal) and action.signal is STOP:
+                assert action.pid in detached, f"pid {action.pid} signalled before detached"
+
+    @invariant()
+    def stopping_workers_are_in_a_stopping_phase(self) -> None:
+        stopped = {a.pid for a in self.loop.log if isinstance(a, act.DetachListeners)}
+        for pid in self.loop.alive & stopped:
+            worker = self.loop.machine.worker(pid)
+            assert worker is not None
+            assert worker.state.stopping, f"pid {pid} was detached but is {worker.state}"
+
+    @invariant()
     def pids_are_spawned_tracked_and_reaped_once(self) -> None:
         loop = self.loop
         assert len(loop.exited) == len(set(loop.exited))
         assert set(loop.exited) <= set(loop.spawned)
-        assert set(loop.machine.live_pids()) == loop.alive
+        tracked = {pid for gen in loop.machine.generations.values() for pid in gen.workers}
+        assert tracked == loop.alive
         assert not loop.dead_targets, f"signal or kill aimed at a reaped pid: {loop.dead_targets}"
         for pid in loop.alive:
             worker = loop.machine.worker(pid)
@@ -254,8 +236,6 @@ class SupervisorRules(RuleBasedStateMachine):
     def teardown(self) -> None:
         loop = self.loop
         if not loop.exits:
-            if self.workarounds:
-                self._finish_reloads()
             loop.stop()
         for _ in range(10):
             if loop.exits:
@@ -274,28 +254,15 @@ class SupervisorRules(RuleBasedStateMachine):
         alive = sorted(self.loop.alive)
         return alive[index % len(alive)]
 
-    def _reload_queued_while_reloading(self) -> bool:
-        machine = self.loop.machine
-        return machine.state is MasterState.RELOADING and machine._reload_pending
 
-    def _finish_reloads(self) -> None:
-        """Let queued reloads run out, so the final stop avoids workaround 2's bug."""
-        for _ in range(5):
-            if not self._reload_queued_while_reloading():
-                return
-            starting = self.loop.machine.generation_in(GenerationState.STARTING)
-            assert starting is not None
-            for worker in starting.live_workers():
-                self.loop.ready(worker.pid)
-
-
-def _policy(workers: int, mode: str) -> Policy:
+def _policy(workers: int, mode: str, settle_s: float) -> Policy:
     return Policy(
         workers=workers,
         ready=READY_SPECS[mode],
         ready_timeout_s=5.0,
         drain_timeout_s=3.0,
         stop_signal=STOP,
+        settle_s=settle_s,
     )
 
 

@@ -73,7 +73,7 @@ def test_generation_views() -> None:
     gen.workers = {
         Pid(10): _worker(0, 10, WorkerState.READY),
         Pid(11): _worker(1, 11, WorkerState.STARTING),
-        Pid(12): _worker(2, 12, WorkerState.STOPPING),
+        Pid(12): _worker(2, 12, WorkerState.SIGNALLED),
     }
 
     assert [w.pid for w in gen.live_workers()] == [10, 11, 12]
@@ -85,9 +85,7 @@ def test_generation_records_do_not_share_state() -> None:
     two = Generation(id=GenId(2), state=GenerationState.STARTING, size=1, started_at=0.0)
 
     one.workers[Pid(10)] = _worker(0, 10, WorkerState.READY)
-    one.crashes[0] = 1
-    one.respawn_pending.add(0)
+    one.spawning.add(0)
 
     assert two.workers == {}
-    assert two.crashes == {}
-    assert two.respawn_pending == set()
+    assert two.spawning == set()

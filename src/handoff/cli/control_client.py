@@ -1,6 +1,6 @@
 """Talk to a running master over its control socket (``handoff reload/status/stop/scale``).
 
-Layer 2 (shell). Finds the socket (--control, --pidfile or --name), sends one request
+Finds the socket (--control, --pidfile or --name), sends one request
 line and yields the JSON lines that come back, within a deadline.
 """
 

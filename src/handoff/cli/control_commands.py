@@ -1,6 +1,6 @@
 """``handoff reload``, ``status``, ``stop`` and ``scale``: clients of the control socket.
 
-Layer 2 (shell). Failures raise HandoffError; the CLI group prints them as
+Failures raise HandoffError; the CLI group prints them as
 ``handoff: error: …`` with a hint and exits with their code.
 """
 

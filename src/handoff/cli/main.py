@@ -1,6 +1,6 @@
 """The ``handoff`` command line (click): parsing, error reporting, exit codes.
 
-Layer 2 (shell). Every expected failure ends as ``handoff: error: <one line>`` plus a
+Every expected failure ends as ``handoff: error: <one line>`` plus a
 ``hint:`` line and the documented exit code: 0 ok, 1 runtime failure, 2 usage error,
 3 the first generation never became ready.
 """

@@ -1,6 +1,6 @@
 """Outputs of the state machine: things the loop must do.
 
-Layer 0 (pure). Each is executed by ``loop.py`` against the real system, or recorded by
+Pure. Each is executed by ``master/loop.py`` against the real system, or recorded by
 the unit tests' fake system.
 """
 

@@ -1,6 +1,6 @@
 """Inputs to the state machine: things that happened.
 
-Layer 0 (pure). The loop turns signals, pidfd readiness, notify datagrams and expired
+Pure. The loop turns signals, pidfd readiness, notify datagrams and expired
 timers into these; unit tests write them by hand.
 """
 
@@ -69,10 +69,8 @@ class ChildExited:
 class WorkerNotified:
     """A worker (or a process in its tree) sent sd_notify fields."""
 
-    pid: Pid
-    sender: Pid
+    pid: Pid  # the worker whose tree the sender is in
     ready: bool = False
-    stopping: bool = False
     status: str | None = None
 
 

@@ -1,20 +1,23 @@
 """The supervisor's functional core: ``Supervisor.handle(event, now) -> actions``.
 
-Layer 0 (pure): no syscalls, no clock, no logging. It is the only module that changes the
-records in ``model.py``. Every transition is guarded (an impossible one raises
-``InvalidTransition``, which is a bug) and reported with exactly one ``Report``. Which
-timers and probes prove a worker ready is ``readiness.py``'s to decide; the settings and
-their backoff arithmetic are ``policy.py``'s.
+Pure: no syscalls, no clock, no logging. It is the only code that changes the records in
+``model.py``. Every transition is guarded (an impossible one raises ``InvalidTransition``,
+which is a bug) and reported with exactly one ``Report``. Which timers and probes prove a
+worker ready is ``readiness.py``'s to decide, when a lost worker's slot is respawned is
+``respawn.py``'s; the settings and their arithmetic are ``policy.py``'s.
 
-Generation: STARTING -> ACTIVE | FAILED;  ACTIVE -> DRAINING -> GONE;  FAILED -> GONE.
-Master:     STARTING -> RUNNING <-> RELOADING -> STOPPING -> exit.
+Master:     STARTING -> RUNNING <-> RELOADING;  any -> STOPPING -> exit.
+Generation: STARTING -> ACTIVE | FAILED | DRAINING (a stop);  ACTIVE -> DRAINING;
+            DRAINING | FAILED -> GONE (every worker reaped).
+Worker:     see ``model.WorkerState``: STARTING -> READY; -> SETTLING -> SIGNALLED;
+            -> KILLED; -> EXITED.
 Invariants: at most one STARTING and one ACTIVE generation; the stop signal reaches a
 worker at most once; a worker is forgotten exactly once, when its exit is reported.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
@@ -28,18 +31,17 @@ from handoff.core.model import (
     Worker,
     WorkerState,
 )
-from handoff.core.policy import Policy, ReloadOutcome, backoff
+from handoff.core.policy import Policy, ReloadOutcome
 from handoff.core.readiness import Readiness
+from handoff.core.respawn import Respawns
 from handoff.core.timers import TimerKey, TimerKind
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
 from handoff.formats.log_events import EventName, Level
-
-MIN_WORKERS: Final = 1
-MAX_WORKERS: Final = 1024
+from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 
 
 class InvalidTransition(AssertionError):
-    """A state change the design forbids: always a bug in handoff."""
+    """A state change the state machines forbid: always a bug in handoff."""
 
 
 def _report(event: EventName, level: Level = Level.INFO, /, **fields: object) -> act.Report:
@@ -60,26 +62,32 @@ class Supervisor:
         self.state = MasterState.STARTING
         self.generations: dict[GenId, Generation] = {}
         self.last_reload: ReloadOutcome | None = None
+        self.workers_target = policy.workers  # per generation; scale changes it
         self._workers: dict[Pid, Worker] = {}
         self._next_gen = 1
         self._reload_pending = False
         self._reload_started_at = 0.0
         self._readiness = Readiness(policy)
-        self.workers_target = policy.workers  # per generation; scale changes it
+        self._respawns = Respawns(policy)
         self._fast_stop = False
         self._exit: act.Exit | None = None
         self._exited = False
 
-    # -- views -------------------------------------------------------------------------
+    # -- views (read by the loop, the control server, status and the systemd glue) ------
 
     def generation_in(self, state: GenerationState) -> Generation | None:
         return next((g for g in self.generations.values() if g.state is state), None)
 
+    def generation(self, gen: GenId) -> Generation | None:
+        return self.generations.get(gen)
+
     def worker(self, pid: Pid) -> Worker | None:
         return self._workers.get(pid)
 
-    def live_pids(self) -> list[Pid]:
-        return list(self._workers)
+    def reloading(self) -> GenId | None:
+        """The generation the reload in progress is starting, if one is."""
+        starting = self.generation_in(GenerationState.STARTING)
+        return starting.id if self.state is MasterState.RELOADING and starting else None
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -94,10 +102,9 @@ class Supervisor:
             case ev.StopRequested(fast=fast, source=source):
                 self._on_stop_requested(fast, source, now, out)
             case ev.ScaleRequested(source=source, workers=workers, delta=delta):
-                self._on_scale(source, workers, delta, now, out)
+                self._on_scale(source, workers, delta, out)
             case ev.ForwardRequested(signal=sig):
-                for pid in self._workers:
-                    out.append(act.SendSignal(pid=pid, signal=sig))
+                out.extend(act.SendSignal(pid=pid, signal=sig) for pid in self._workers)
                 out.append(_report(EventName.SIGNAL_FORWARDED, signal=sig.name))
             case ev.WorkerSpawned(gen=gen_id, slot=slot, pid=pid):
                 self._on_spawned(self.generations[gen_id], slot, pid, now, out)
@@ -111,6 +118,8 @@ class Supervisor:
                 self._on_probe_finished(pid, ok, detail, now, out)
             case ev.TimerFired(key=key):
                 self._on_timer(key, now, out)
+            case _:
+                assert_never(event)
         self._check_exit(out)
         return out
 
@@ -132,16 +141,16 @@ class Supervisor:
             self._spawn(gen, slot, out)
 
     def _activate(self, gen: Generation, now: float, out: list[act.Action]) -> None:
+        # STARTING -> ACTIVE; the generation it replaces: ACTIVE -> DRAINING.
         self._require_gen(gen, GenerationState.STARTING)
         previous = self.generation_in(GenerationState.ACTIVE)
         gen.state = GenerationState.ACTIVE
-        gen.active_at = now
         duration = round(now - gen.started_at, 4)
         out.append(
             _report(EventName.GENERATION_ACTIVE, gen=gen.id, workers=gen.size, duration_s=duration)
         )
         if previous is not None:
-            self._drain(previous, "replaced", now, out)
+            self._drain(previous, "replaced", out)
         if gen.size != self.workers_target:
             self._resize(gen, out)  # scaled while it was starting
         if self.state is MasterState.STARTING:
@@ -152,7 +161,7 @@ class Supervisor:
             self._finish_reload(gen, ok=True, reason="", now=now, out=out)
 
     def _on_scale(
-        self, source: str, workers: int | None, delta: int, now: float, out: list[act.Action]
+        self, source: str, workers: int | None, delta: int, out: list[act.Action]
     ) -> None:
         if self.state is MasterState.STOPPING:
             out.append(
@@ -177,17 +186,15 @@ class Supervisor:
         for slot in range(old, new):
             if slot not in gen.spawning:
                 self._spawn(gen, slot, out)
-        for slot in [s for s in gen.respawn_pending if s >= new]:
-            gen.respawn_pending.discard(slot)
-            out.append(act.CancelTimer(key=TimerKey(TimerKind.RESPAWN, gen.id, slot)))
+        self._respawns.cancel(gen.id, out, from_slot=new)
         for worker in gen.live_workers():
             if worker.slot >= new:
                 self._stop_worker(worker, out)  # drained like an old worker, not respawned
 
     def _fail(self, gen: Generation, reason: str, now: float, out: list[act.Action]) -> None:
+        # STARTING -> FAILED: its workers are stopped like old ones (they may hold connections).
         self._require_gen(gen, GenerationState.STARTING)
         gen.state = GenerationState.FAILED
-        gen.failure = reason
         out.append(_report(EventName.GENERATION_FAILED, Level.ERROR, gen=gen.id, reason=reason))
         for worker in gen.live_workers():
             self._stop_worker(worker, out)
@@ -198,14 +205,12 @@ class Supervisor:
             self._finish_reload(gen, ok=False, reason=reason, now=now, out=out)
         self._check_gone(gen, out)
 
-    def _drain(self, gen: Generation, why: str, now: float, out: list[act.Action]) -> None:
-        if gen.state not in (GenerationState.ACTIVE, GenerationState.STARTING):
-            raise InvalidTransition(f"generation {gen.id} cannot drain from {gen.state}")
+    def _drain(self, gen: Generation, why: str, out: list[act.Action]) -> None:
+        # ACTIVE | STARTING -> DRAINING.
+        self._require_gen(gen, GenerationState.ACTIVE, GenerationState.STARTING)
         gen.state = GenerationState.DRAINING
-        for slot in gen.respawn_pending:
-            out.append(act.CancelTimer(key=TimerKey(TimerKind.RESPAWN, gen.id, slot)))
-        gen.respawn_pending.clear()
-        signal_name = self._stop_signal_name()
+        self._respawns.cancel(gen.id, out)
+        signal_name = "SIGKILL" if self._fast_stop else self.policy.stop_signal.name
         out.append(
             _report(EventName.GENERATION_DRAINING, gen=gen.id, reason=why, signal=signal_name)
         )
@@ -214,12 +219,14 @@ class Supervisor:
         self._check_gone(gen, out)
 
     def _check_gone(self, gen: Generation, out: list[act.Action]) -> None:
+        # DRAINING | FAILED -> GONE, once nothing of it is left or coming.
         if gen.state not in (GenerationState.DRAINING, GenerationState.FAILED):
             return
-        if gen.workers or gen.respawn_pending or gen.spawning:
+        if gen.workers or gen.spawning or self._respawns.pending(gen.id):
             return
         gen.state = GenerationState.GONE
         del self.generations[gen.id]
+        self._respawns.forget(gen.id)
         out.append(_report(EventName.GENERATION_GONE, gen=gen.id))
 
     # -- reloads and stops -------------------------------------------------------------
@@ -242,6 +249,8 @@ class Supervisor:
                         EventName.RELOAD_REFUSED, Level.WARNING, source=source, reason="stopping"
                     )
                 )
+            case _:
+                assert_never(self.state)
 
     def _finish_reload(
         self, gen: Generation, *, ok: bool, reason: str, now: float, out: list[act.Action]
@@ -287,6 +296,7 @@ class Supervisor:
     def _begin_stop(
         self, *, fast: bool, now: float, out: list[act.Action], code: int, reason: str
     ) -> None:
+        # any -> STOPPING; a reload in progress ends as failed ("cancelled").
         self._reload_pending = False  # before _finish_reload, which would start it
         starting = self.generation_in(GenerationState.STARTING)
         if self.state is MasterState.RELOADING and starting is not None:
@@ -299,7 +309,7 @@ class Supervisor:
         out.append(_report(EventName.MASTER_STOPPING, fast=fast, reason=reason))
         for gen in list(self.generations.values()):
             if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
-                self._drain(gen, "stopping", now, out)
+                self._drain(gen, "stopping", out)
         if fast:
             for worker in self._workers.values():
                 self._kill_worker(worker, "fast stop", out)
@@ -311,6 +321,10 @@ class Supervisor:
             out.append(self._exit)
 
     # -- workers -----------------------------------------------------------------------
+
+    def _spawn(self, gen: Generation, slot: int, out: list[act.Action]) -> None:
+        gen.spawning.add(slot)
+        out.append(act.SpawnWorker(gen=gen.id, slot=slot))
 
     def _on_spawned(
         self, gen: Generation, slot: int, pid: Pid, now: float, out: list[act.Action]
@@ -335,12 +349,13 @@ class Supervisor:
                 EventName.WORKER_SPAWN_FAILED, Level.ERROR, gen=gen.id, worker=slot, reason=reason
             )
         )
-        self._on_worker_lost(gen, slot, reason, now, out)
+        self._on_worker_lost(gen, slot, ready_at=None, reason=reason, now=now, out=out)
         self._check_gone(gen, out)
 
     def _on_ready(
         self, worker: Worker, via: str, now: float, out: list[act.Action], detail: str = ""
     ) -> None:
+        # STARTING -> READY; the generation's last one makes it ACTIVE.
         if worker.state is not WorkerState.STARTING:
             return  # a repeated READY=1, or readiness of a worker already told to stop
         worker.state = WorkerState.READY
@@ -356,6 +371,7 @@ class Supervisor:
             self._activate(gen, now, out)
 
     def _on_exited(self, pid: Pid, status: ExitStatus, now: float, out: list[act.Action]) -> None:
+        # any live state -> EXITED; the worker is forgotten here and only here.
         worker = self._workers.pop(pid, None)
         if worker is None:
             raise InvalidTransition(f"pid {pid} reported exited but is not a live worker")
@@ -367,8 +383,8 @@ class Supervisor:
             out.append(act.CancelTimer(key=TimerKey(TimerKind.SETTLE, pid)))
         gen = self.generations[worker.gen]
         del gen.workers[pid]
-        expected = was is WorkerState.STOPPING and not worker.respawn_on_exit
-        description = status.describe(killed_by_us=worker.killed)
+        expected = was.stopping and not worker.respawn_reason
+        description = status.describe(killed_by_us=was is WorkerState.KILLED)
         out.append(
             _report(
                 EventName.WORKER_EXITED,
@@ -380,67 +396,46 @@ class Supervisor:
                 **status.as_fields(),
             )
         )
-        if worker.respawn_on_exit:
-            self._on_worker_lost(gen, worker, worker.status, now, out)
+        if worker.respawn_reason:
+            reason = worker.respawn_reason
+            self._on_worker_lost(gen, worker.slot, ready_at=None, reason=reason, now=now, out=out)
         elif not expected:
             ready = "after it was ready" if was is WorkerState.READY else "before it was ready"
             reason = f"worker {worker.slot} (pid {pid}) {description} {ready}"
-            self._on_worker_lost(gen, worker, reason, now, out)
+            self._on_worker_lost(
+                gen, worker.slot, ready_at=worker.ready_at, reason=reason, now=now, out=out
+            )
         self._check_gone(gen, out)
 
     def _on_worker_lost(
-        self, gen: Generation, lost: Worker | int, reason: str, now: float, out: list[act.Action]
+        self,
+        gen: Generation,
+        slot: int,
+        *,
+        ready_at: float | None,
+        reason: str,
+        now: float,
+        out: list[act.Action],
     ) -> None:
-        """A worker died or never started (lost is its slot then): fail or respawn."""
-        slot = lost if isinstance(lost, int) else lost.slot
+        """A worker died, or never started: its starting generation fails, or it respawns."""
         match gen.state:
             case GenerationState.STARTING:
                 self._fail(gen, reason, now, out)
             case GenerationState.ACTIVE:
-                stable = (
-                    isinstance(lost, Worker)
-                    and lost.ready_at is not None
-                    and now - lost.ready_at >= self.policy.stable_after_s
-                )
-                crashes = 1 if stable else gen.crashes.get(slot, 0) + 1
-                gen.crashes[slot] = crashes
-                delay = backoff(crashes, self.policy.respawn_base_s, self.policy.respawn_cap_s)
-                gen.respawn_pending.add(slot)
-                out.append(
-                    act.StartTimer(key=TimerKey(TimerKind.RESPAWN, gen.id, slot), delay_s=delay)
-                )
-                crash_loop = crashes >= self.policy.crash_loop_after
-                event = (
-                    EventName.WORKER_CRASH_LOOP
-                    if crash_loop
-                    else EventName.WORKER_RESPAWN_SCHEDULED
-                )
-                level = Level.ERROR if crash_loop else Level.WARNING
-                out.append(
-                    _report(
-                        event,
-                        level,
-                        gen=gen.id,
-                        worker=slot,
-                        reason=reason,
-                        crashes=crashes,
-                        delay_s=delay,
-                    )
-                )
+                ready_for = None if ready_at is None else now - ready_at
+                self._respawns.schedule(gen.id, slot, ready_for_s=ready_for, reason=reason, out=out)
             case GenerationState.DRAINING | GenerationState.FAILED | GenerationState.GONE:
                 pass
-
-    def _spawn(self, gen: Generation, slot: int, out: list[act.Action]) -> None:
-        gen.spawning.add(slot)
-        out.append(act.SpawnWorker(gen=gen.id, slot=slot))
+            case _:
+                assert_never(gen.state)
 
     def _stop_worker(self, worker: Worker, out: list[act.Action]) -> None:
-        if worker.stop_signalled or worker.state is WorkerState.EXITED:
+        # STARTING | READY -> SETTLING: first stop it accepting (from outside), then, after
+        # the settle, signal it.
+        if worker.state not in (WorkerState.STARTING, WorkerState.READY):
             return
-        worker.stop_signalled = True
-        worker.state = WorkerState.STOPPING
+        worker.state = WorkerState.SETTLING
         self._readiness.forget(worker, out)
-        # First stop it accepting (from outside), then, after the settle, signal it.
         out.append(act.DetachListeners(pid=worker.pid))
         if self.policy.settle_s > 0:
             key = TimerKey(TimerKind.SETTLE, worker.pid)
@@ -449,18 +444,19 @@ class Supervisor:
             self._signal_stop(worker, out)
 
     def _signal_stop(self, worker: Worker, out: list[act.Action]) -> None:
+        # SETTLING -> SIGNALLED: the stop signal, exactly once, and the drain deadline.
+        if worker.state is not WorkerState.SETTLING:
+            return
+        worker.state = WorkerState.SIGNALLED
         out.append(act.SendSignal(pid=worker.pid, signal=self.policy.stop_signal))
-        out.append(
-            act.StartTimer(
-                key=TimerKey(TimerKind.DRAIN, worker.pid), delay_s=self.policy.drain_timeout_s
-            )
-        )
+        key = TimerKey(TimerKind.DRAIN, worker.pid)
+        out.append(act.StartTimer(key=key, delay_s=self.policy.drain_timeout_s))
 
     def _kill_worker(self, worker: Worker, reason: str, out: list[act.Action]) -> None:
-        if worker.killed:
+        # any live state -> KILLED (drain timeout, or a fast stop).
+        if worker.state in (WorkerState.KILLED, WorkerState.EXITED):
             return
-        worker.killed = True
-        worker.state = WorkerState.STOPPING
+        worker.state = WorkerState.KILLED
         self._readiness.forget(worker, out)
         out.append(act.KillTree(pid=worker.pid))
         out.append(
@@ -486,52 +482,43 @@ class Supervisor:
             self._on_ready(worker, self.policy.ready.mode.value, now, out, detail)
 
     def _on_timer(self, key: TimerKey, now: float, out: list[act.Action]) -> None:
-        match key.kind:
-            case TimerKind.RESPAWN:
-                gen = self.generations.get(GenId(key.ident))
-                if gen is None or key.slot not in gen.respawn_pending:
-                    return
-                gen.respawn_pending.discard(key.slot)
-                serving = (
-                    gen.state is GenerationState.ACTIVE and self.state is not MasterState.STOPPING
-                )
-                if serving and key.slot < gen.size:
-                    self._spawn(gen, key.slot, out)
-                else:
-                    self._check_gone(gen, out)
-                return
-            case (
-                TimerKind.READY_TIMEOUT
-                | TimerKind.READY_DELAY
-                | TimerKind.PROBE_RETRY
-                | TimerKind.NOTIFY_GRACE
-                | TimerKind.SETTLE
-                | TimerKind.DRAIN
-            ):
-                worker = self._workers.get(Pid(key.ident))
-        if worker is None:
+        if key.kind is TimerKind.RESPAWN:
+            self._on_respawn_due(key, out)
             return
+        worker = self._workers.get(Pid(key.ident))
+        if worker is None:
+            return  # the worker was reaped after this timer was popped
         match key.kind:
             case TimerKind.READY_DELAY:
                 self._on_ready(worker, "delay", now, out)
             case TimerKind.PROBE_RETRY:
                 self._readiness.retry(worker, out)
             case TimerKind.NOTIFY_GRACE:
-                detail = (
-                    f"READY=1; no process seen accepting within {self.policy.notify_grace_s:g} s"
-                )
+                grace = self.policy.notify_grace_s
+                detail = f"READY=1; no process seen accepting within {grace:g} s"
                 self._on_ready(worker, "notify", now, out, detail)
             case TimerKind.SETTLE:
-                if not worker.killed:
-                    self._signal_stop(worker, out)
+                self._signal_stop(worker, out)
             case TimerKind.DRAIN:
-                self._kill_worker(
-                    worker,
-                    f"still running {self.policy.drain_timeout_s:g} s after the stop signal",
-                    out,
-                )
+                timeout = self.policy.drain_timeout_s
+                reason = f"still running {timeout:g} s after the stop signal"
+                self._kill_worker(worker, reason, out)
             case TimerKind.READY_TIMEOUT:
                 self._on_ready_timeout(worker, now, out)
+            case TimerKind.RESPAWN:
+                raise InvalidTransition("respawn timers are handled above")
+            case _:
+                assert_never(key.kind)
+
+    def _on_respawn_due(self, key: TimerKey, out: list[act.Action]) -> None:
+        gen = self.generations.get(GenId(key.ident))
+        if gen is None or not self._respawns.take(key):
+            return
+        serving = gen.state is GenerationState.ACTIVE and self.state is not MasterState.STOPPING
+        if serving and key.slot < gen.size:
+            self._spawn(gen, key.slot, out)
+        else:
+            self._check_gone(gen, out)
 
     def _on_ready_timeout(self, worker: Worker, now: float, out: list[act.Action]) -> None:
         if worker.state is not WorkerState.STARTING:
@@ -549,8 +536,7 @@ class Supervisor:
         else:
             # A respawned worker of the active generation: stop it, and respawn its slot
             # only once it has exited, so that a slot never has two workers.
-            worker.status = reason
-            worker.respawn_on_exit = True
+            worker.respawn_reason = reason
             self._stop_worker(worker, out)
 
     # -- guards ------------------------------------------------------------------------
@@ -567,6 +553,3 @@ class Supervisor:
             raise InvalidTransition(
                 f"generation {gen.id} is {gen.state}, expected {[s.value for s in allowed]}"
             )
-
-    def _stop_signal_name(self) -> str:
-        return "SIGKILL" if self._fast_stop else self.policy.stop_signal.name

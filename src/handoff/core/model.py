@@ -1,7 +1,8 @@
 """Records of the supervision state: workers, generations, exit statuses.
 
-Layer 0 (pure). The records are mutable, but only ``machine.py`` changes them; everything
-else reads them (the loop for process titles, later the control socket for status).
+The records are mutable, but only ``core/machine.py`` changes them; everything else reads
+them (the loop for process titles, the control server for progress and status, the
+systemd glue for STATUS=).
 """
 
 from __future__ import annotations
@@ -31,10 +32,26 @@ class GenerationState(StrEnum):
 
 
 class WorkerState(StrEnum):
-    STARTING = "starting"
+    """A worker's life; the three stopping phases come in this order (KILLED may cut in).
+
+    STARTING -> READY;  STARTING | READY -> SETTLING -> SIGNALLED;
+    any live state -> KILLED;  any live state -> EXITED (reaped).
+    """
+
+    STARTING = "starting"  # spawned, proving it is ready
     READY = "ready"
-    STOPPING = "stopping"
-    EXITED = "exited"
+    SETTLING = "settling"  # taken off the listening socket; stop signal after --settle
+    SIGNALLED = "signalled"  # stop signal sent once; draining until --drain-timeout
+    KILLED = "killed"  # its process tree was SIGKILLed
+    EXITED = "exited"  # reaped
+
+    @property
+    def stopping(self) -> bool:
+        """In one of the stopping phases (what ``handoff status`` calls "stopping")."""
+        return self in _STOPPING_PHASES
+
+
+_STOPPING_PHASES = frozenset({WorkerState.SETTLING, WorkerState.SIGNALLED, WorkerState.KILLED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +99,10 @@ class Worker:
     state: WorkerState
     started_at: float
     ready_at: float | None = None
-    stop_signalled: bool = False
-    killed: bool = False
-    respawn_on_exit: bool = False
-    status: str = ""
+    status: str = ""  # the last STATUS= it sent over the notify socket
+    # Why its slot must be respawned once it has exited (it was stopped for not becoming
+    # ready in time); empty for a worker stopped because it is no longer wanted.
+    respawn_reason: str = ""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -96,12 +113,8 @@ class Generation:
     state: GenerationState
     size: int
     started_at: float
-    active_at: float | None = None
     workers: dict[Pid, Worker] = field(default_factory=dict)  # every worker not yet reaped
     spawning: set[int] = field(default_factory=set)  # slots asked to spawn, no answer yet
-    crashes: dict[int, int] = field(default_factory=dict)
-    respawn_pending: set[int] = field(default_factory=set)
-    failure: str | None = None
 
     def live_workers(self) -> list[Worker]:
         return list(self.workers.values())

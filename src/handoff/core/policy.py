@@ -1,6 +1,6 @@
 """The supervisor's fixed settings and the arithmetic it applies to them.
 
-Layer 0 (pure). ``Policy`` is what the machine reads from the run configuration (and its
+Pure. ``Policy`` is what the machine reads from the run configuration (and its
 tunables: respawn and probe backoff, crash-loop threshold); ``ReloadOutcome`` is what it
 remembers of the last reload; ``backoff`` spaces respawns and probe retries.
 """
@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass
 
 from handoff.core.model import GenId
-from handoff.formats.options import ReadySpec
+from handoff.formats.options import DEFAULT_SETTLE_S, ReadySpec, RunConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,7 +38,19 @@ class Policy:
     notify_grace_s: float = 2.0
     # Between removing an old worker's listening registration and its stop signal: time
     # for connections it accepted just before to be read. 0: signal at once.
-    settle_s: float = 0.0
+    settle_s: float = DEFAULT_SETTLE_S
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Policy:
+        """The machine's settings from ``handoff run``'s options (the rest keep defaults)."""
+        return cls(
+            workers=config.workers,
+            ready=config.ready,
+            ready_timeout_s=config.timeouts.ready_s,
+            drain_timeout_s=config.timeouts.drain_s,
+            stop_signal=config.stop_signal,
+            settle_s=config.timeouts.settle_s,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,6 +1,6 @@
 """How a starting worker proves it is ready: the timers and probes of each ``--ready`` mode.
 
-Layer 0 (pure): no syscalls, no clock, no logging. The ``Supervisor`` owns one
+Pure: no syscalls, no clock, no logging. The ``Supervisor`` owns one
 ``Readiness`` and keeps every state change of workers, generations and the master to
 itself; this class only decides the readiness actions: the ready timeout and, per mode,
 the ``delay:`` timer or the probe (``RunProbe``, answered with ``ProbeFinished``, retried

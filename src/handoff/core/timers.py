@@ -1,6 +1,6 @@
 """A heap of named deadlines with lazy cancellation.
 
-Layer 0 (pure): the clock is passed in, so tests drive time by hand.
+Pure: the clock is passed in, so tests drive time by hand.
 """
 
 from __future__ import annotations

@@ -1,17 +1,14 @@
 """Reload drills: a real handoff master under load, reloaded again and again.
 
-Not part of the master: `handoff demo`, bench/reload.py and the integration tests use it
-to show the promise of design §2 with numbers. The master runs as a child process in its
-own session, exactly as an operator would start it; its JSON log lines on stderr are the
-only thing the drill relies on.
+Not part of the master: `handoff demo`, the benchmarks in bench/ and the integration tests
+use it to show with numbers that a reload refuses no connection and that a broken release
+never replaces a working one. The master runs as a child process (master_process), exactly
+as an operator would start it; its JSON log lines are the only thing the drill relies on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import json
 import os
 import signal
 import socket
@@ -22,23 +19,17 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from handoff.demo.load import LoadConfig, LoadGenerator, LoadStats
+from handoff.demo.master_process import (
+    KILL_WAIT_S,
+    MasterOutput,
+    bound_port,
+    event_number,
+    kill_everything,
+    start_master,
+    stop_master,
+)
 from handoff.formats import worker_contract as protocol
 from handoff.formats.log_events import EventName
-
-_TAIL_LINES: Final = 50
-_LINE_LIMIT: Final = 1024 * 1024
-_OUTPUT_DRAIN_S: Final = 1.0
-_KILL_WAIT_S: Final = 10.0
-
-Event = dict[str, object]
-
-
-class DrillError(Exception):
-    """The drill could not run: the master did not start, or died under it."""
-
-    def __init__(self, message: str, output_tail: list[str]) -> None:
-        super().__init__(message)
-        self.output_tail = output_tail
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,109 +126,6 @@ def clean_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _parse_event(line: str) -> Event | None:
-    if not line.startswith("{"):
-        return None
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(value, dict) and isinstance(value.get("event"), str):
-        return value
-    return None
-
-
-def _number(event: Event, key: str) -> float | None:
-    value = event.get(key)
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _port_of(event: Event) -> int:
-    port = event.get("port")
-    if isinstance(port, int):
-        return port
-    address = str(event.get("address", ""))
-    _, _, tail = address.rpartition(":")
-    if tail.isdigit():
-        return int(tail)
-    raise ValueError(f"listener.bound has no port: {event!r}")
-
-
-class _MasterOutput:
-    """The master's stdout and stderr: events queued, recent lines kept for errors."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        self.worker_pids: set[int] = set()
-        # None means the master process has exited.
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
-        self._exited = False
-        self._readers = [
-            asyncio.create_task(self._pump(stream))
-            for stream in (process.stdout, process.stderr)
-            if stream is not None
-        ]
-        self._watcher = asyncio.create_task(self._watch_exit())
-
-    async def _pump(self, stream: asyncio.StreamReader) -> None:
-        # Read without pause: the master writes its log synchronously, so a full pipe
-        # would stall it in the middle of a reload.
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:
-                self.tail.append("<a line longer than 1 MiB>")
-                continue
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.tail.append(line)
-            event = _parse_event(line)
-            if event is not None:
-                if event["event"] == EventName.WORKER_SPAWNED and isinstance(event.get("pid"), int):
-                    self.worker_pids.add(int(str(event["pid"])))
-                self._events.put_nowait(event)
-
-    async def _watch_exit(self) -> None:
-        await self.process.wait()
-        # The pipes may still hold its last words (a traceback); give them a moment.
-        # Workers that outlive the master keep the pipes open, hence the bound.
-        await asyncio.wait(self._readers, timeout=_OUTPUT_DRAIN_S)
-        self._events.put_nowait(None)
-
-    def error(self, message: str) -> DrillError:
-        return DrillError(message, list(self.tail))
-
-    async def next_event(self, names: frozenset[str], deadline: float, what: str) -> Event:
-        """Return the next event named in names; TimeoutError past deadline (monotonic)."""
-        while True:
-            if self._exited:
-                code = self.process.returncode
-                raise self.error(f"the master exited (status {code}) while waiting for {what}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {what}")
-            try:
-                event = await asyncio.wait_for(self._events.get(), remaining)
-            except TimeoutError:
-                raise TimeoutError(f"no {what}") from None
-            if event is None:
-                self._exited = True
-            elif event["event"] in names:
-                return event
-
-    async def watch(self, seconds: float) -> None:
-        """Let seconds pass; raise DrillError if the master exits meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            await self.next_event(frozenset(), time.monotonic() + seconds, "nothing")
-
-    async def close(self) -> None:
-        for task in (*self._readers, self._watcher):
-            task.cancel()
-        await asyncio.gather(*self._readers, self._watcher, return_exceptions=True)
-
-
 def _master_argv(config: DrillConfig) -> list[str]:
     fixed: tuple[str, ...] = (
         *("--log-format", "json", "--bind", "127.0.0.1:0", "--workers", str(config.workers)),
@@ -252,7 +140,7 @@ def _master_argv(config: DrillConfig) -> list[str]:
 async def _ask_reload(
     config: DrillConfig,
     process: asyncio.subprocess.Process,
-    output: _MasterOutput,
+    output: MasterOutput,
     number: int,
     say: Callable[[str], None],
 ) -> ReloadRecord:
@@ -279,7 +167,7 @@ def _control_reload(path: str, say: Callable[[str], None], timeout_s: float) -> 
 
 async def _reload(
     process: asyncio.subprocess.Process,
-    output: _MasterOutput,
+    output: MasterOutput,
     number: int,
     timeout_s: float,
     *,
@@ -293,46 +181,18 @@ async def _reload(
         event = await output.next_event(outcomes, hup_at + timeout_s, "reload outcome")
     except TimeoutError:
         event = {"event": "-", "reason": f"no {' or '.join(sorted(outcomes))} in {timeout_s:g} s"}
-    gen = _number(event, "gen")
+    gen = event_number(event, "gen")
     reason = event.get("reason")
     return ReloadRecord(
         number=number,
         gen=int(gen) if gen is not None else None,
         ok=event["event"] == EventName.RELOAD_SUCCEEDED,
-        duration_s=_number(event, "duration_s"),
+        duration_s=event_number(event, "duration_s"),
         observed_s=time.monotonic() - hup_at,
         served_after_s=None,
         reason=str(reason) if reason is not None else None,
         hup_at=hup_at,
     )
-
-
-async def _stop_master(process: asyncio.subprocess.Process, timeout_s: float) -> int | None:
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        return await asyncio.wait_for(process.wait(), timeout_s)
-    except TimeoutError:
-        return None
-
-
-async def _kill_everything(process: asyncio.subprocess.Process, output: _MasterOutput) -> None:
-    """Leave nothing behind, whatever state the master is in."""
-    killed = process.returncode is None
-    if killed:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), _KILL_WAIT_S)
-    if killed or process.returncode != 0:
-        # The master did not clean up: its workers run in their own sessions, so
-        # killing its group did not reach them. A pid is checked to still lead its own
-        # group (as a worker does) before the group is killed.
-        for pid in output.worker_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)
-    await output.close()
 
 
 async def run_drill(
@@ -347,19 +207,11 @@ async def run_drill(
     statistics once the load runs (for a progress display).
 
     Raises:
-        DrillError: the master never became ready, or exited in the middle.
+        DrillError (from master_process): the master never became ready, or exited in the
+            middle.
     """
     say = progress or (lambda _line: None)
-    process = await asyncio.create_subprocess_exec(
-        *_master_argv(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean_environment(config.env),
-        start_new_session=True,
-        limit=_LINE_LIMIT,
-    )
-    output = _MasterOutput(process)
+    process, output = await start_master(_master_argv(config), clean_environment(config.env))
     stop = asyncio.Event()
     load_task: asyncio.Task[LoadStats] | None = None
     try:
@@ -373,7 +225,7 @@ async def run_drill(
             )
         except TimeoutError as exc:
             raise output.error(f"{exc} within {config.startup_timeout_s:g} s of start") from None
-        port = _port_of(bound)
+        port = bound_port(bound)
         say(f"master {process.pid} ready on 127.0.0.1:{port} with {config.workers} workers")
 
         generator = LoadGenerator(
@@ -403,9 +255,9 @@ async def run_drill(
             await asyncio.to_thread(config.after_reloads)
 
         stop.set()
-        stats = await asyncio.wait_for(load_task, config.request_timeout_s + _KILL_WAIT_S)
+        stats = await asyncio.wait_for(load_task, config.request_timeout_s + KILL_WAIT_S)
         say("stopping the master (SIGTERM)")
-        exit_code = await _stop_master(process, config.stop_timeout_s)
+        exit_code = await stop_master(process, config.stop_timeout_s)
         for record in records:
             seen = stats.first_seen.get(str(record.gen))
             if seen is not None and seen >= record.hup_at:
@@ -424,7 +276,7 @@ async def run_drill(
         if load_task is not None and not load_task.done():
             load_task.cancel()
             await asyncio.gather(load_task, return_exceptions=True)
-        await _kill_everything(process, output)
+        await kill_everything(process, output)
 
 
 # Bare runs: the same command without handoff, for comparison. The socket is bound by

@@ -1,4 +1,4 @@
-"""`handoff demo`: the built-in app under handoff, under load, reloaded live (design §9).
+"""`handoff demo`: the built-in app under handoff, under load, reloaded live.
 
 Shell layer: runs a drill with handoff.demo.app as the command, changes the app's version
 file before each reload (so every generation is a "new release"), and reports what a user
@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Final, TextIO
 
-from handoff.demo.drill import DrillConfig, DrillError, DrillResult, run_drill
+from handoff.demo.drill import DrillConfig, DrillResult, run_drill
 from handoff.demo.load import FailureClass, LoadStats
+from handoff.demo.master_process import DrillError
 
 _REFRESH_S: Final = 0.2
 

@@ -1,6 +1,6 @@
 """The control protocol's messages: parse a request line, build the lines sent back.
 
-Layer 0 (pure). Newline-delimited JSON over a unix stream socket, version 1; the full
+Pure. Newline-delimited JSON over a unix stream socket, version 1; the full
 contract is docs/control.md. Every line sent carries ``"v": 1`` and a ``"type"``:
 ``result``, ``progress`` or ``error``.
 """
@@ -8,16 +8,15 @@ contract is docs/control.md. Every line sent carries ``"v": 1`` and a ``"type"``
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from handoff.formats.log_events import EventName
+from handoff.errors import HandoffError
+from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 
 VERSION: Final = 1
 MAX_LINE: Final = 64 * 1024
-COMMANDS: Final = ("status", "reload", "stop", "scale")
 
 
 class Command(StrEnum):
@@ -34,11 +33,12 @@ class Request:
     workers: int = 0
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+class BadRequest(HandoffError):
+    """A request line the master cannot take; answered with an error line, never raised on."""
+
+
+_EXAMPLE: Final = 'send e.g. {"v": 1, "cmd": "status"}'
+_COMMAND_NAMES: Final = tuple(command.value for command in Command)
 
 
 def parse_request(line: bytes) -> Request:
@@ -46,24 +46,28 @@ def parse_request(line: bytes) -> Request:
     try:
         data = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise BadRequest(
-            "the request is not a JSON object", 'send e.g. {"v": 1, "cmd": "status"}'
-        ) from None
+        raise BadRequest("the request is not a JSON object", hint=_EXAMPLE) from None
     if not isinstance(data, dict):
-        raise BadRequest("the request is not a JSON object", 'send e.g. {"v": 1, "cmd": "status"}')
+        raise BadRequest("the request is not a JSON object", hint=_EXAMPLE)
     if data.get("v") != VERSION:
-        raise BadRequest(f"unsupported protocol version {data.get('v')!r}", f'send "v": {VERSION}')
+        raise BadRequest(
+            f"unsupported protocol version {data.get('v')!r}", hint=f'send "v": {VERSION}'
+        )
     command = data.get("cmd")
-    if command not in COMMANDS:
-        raise BadRequest(f"unknown command {command!r}", f"commands: {', '.join(COMMANDS)}")
+    if not isinstance(command, str) or command not in _COMMAND_NAMES:
+        raise BadRequest(
+            f"unknown command {command!r}", hint=f"commands: {', '.join(_COMMAND_NAMES)}"
+        )
     wait = data.get("wait", True)
     if not isinstance(wait, bool):
         raise BadRequest('"wait" must be true or false')
     workers = data.get("workers", 0)
     if command == Command.SCALE and (
-        not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 1024
+        not isinstance(workers, int)
+        or isinstance(workers, bool)
+        or not MIN_WORKERS <= workers <= MAX_WORKERS
     ):
-        raise BadRequest('"workers" must be a whole number from 1 to 1024')
+        raise BadRequest(f'"workers" must be a whole number from {MIN_WORKERS} to {MAX_WORKERS}')
     return Request(
         command=Command(command), wait=wait, workers=workers if isinstance(workers, int) else 0
     )
@@ -74,35 +78,5 @@ def encode(kind: str, **fields: object) -> bytes:
     return (json.dumps({"v": VERSION, "type": kind, **fields}, default=str) + "\n").encode()
 
 
-def error_line(message: str, hint: str = "") -> bytes:
+def error_line(message: str, hint: str | None = None) -> bytes:
     return encode("error", error=message, **({"hint": hint} if hint else {}))
-
-
-def progress_message(
-    event: str, fields: Mapping[str, object], sizes: Mapping[int, int]
-) -> str | None:
-    """A reload's progress in words, for the events a waiting client is shown."""
-    gen = fields.get("gen")
-    match event:
-        case EventName.GENERATION_STARTED:
-            return f"generation {gen} started: {fields.get('workers')} workers"
-        case EventName.WORKER_READY:
-            how = (
-                f"{fields.get('via')}: {fields['detail']}"
-                if fields.get("detail")
-                else fields.get("via")
-            )
-            ready = fields.get("ready_count", "?")
-            size = sizes.get(gen, "?") if isinstance(gen, int) else "?"
-            return f"generation {gen}: {ready} of {size} workers ready ({how})"
-        case EventName.WORKER_EXITED | EventName.WORKER_SPAWN_FAILED | EventName.WORKER_NOT_READY:
-            what = fields.get("status") or fields.get("reason")
-            return f"generation {gen}: worker {fields.get('worker')} {what}"
-        case EventName.GENERATION_ACTIVE:
-            return f"generation {gen} serving ({fields.get('duration_s')} s after it started)"
-        case EventName.GENERATION_DRAINING:
-            return f"generation {gen} draining ({fields.get('signal')})"
-        case EventName.GENERATION_FAILED:
-            return f"generation {gen} failed: {fields.get('reason')}"
-        case _:
-            return None

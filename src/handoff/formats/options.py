@@ -1,6 +1,6 @@
 """Validated run configuration and the pure parsers behind the command-line options.
 
-Layer 0 (pure): no sockets are opened here; ``sockets.py`` turns a ``BindSpec`` into a
+Pure: no sockets are opened here; ``system/sockets.py`` turns a ``BindSpec`` into a
 listener. Every parser raises ``ConfigError`` with a message that names the accepted forms.
 """
 
@@ -19,6 +19,12 @@ from handoff.errors import ConfigError
 
 BIND_FORMS: Final = "HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N, fd:NAME"
 DEFAULT_BIND: Final = "127.0.0.1:8000"
+# Workers per generation: --workers, handoff scale, TTIN/TTOU, the control protocol.
+MIN_WORKERS: Final = 1
+MAX_WORKERS: Final = 1024
+# Between taking an old worker off the listening socket and its stop signal: time for the
+# connections it accepted just before to be read. 0: signal at once.
+DEFAULT_SETTLE_S: Final = 0.25
 
 
 class BindKind(StrEnum):
@@ -38,10 +44,6 @@ class BindSpec:
     path: str = ""
     fd: int = -1
     name: str = ""  # fd:NAME, a socket systemd passed with that name
-
-    @property
-    def is_ipv6(self) -> bool:
-        return self.kind is BindKind.TCP and ":" in self.host
 
 
 def parse_bind(text: str) -> BindSpec:
@@ -199,7 +201,7 @@ class LogFormat(StrEnum):
 class Timeouts:
     ready_s: float = 60.0
     drain_s: float = 30.0
-    settle_s: float = 0.25
+    settle_s: float = DEFAULT_SETTLE_S
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,7 +223,7 @@ class RunConfig:
 
 def parse_group(text: str) -> int:
     """A group name or number, as its gid."""
-    import grp  # noqa: PLC0415 - reads /etc/group: the one lookup config.py does
+    import grp  # noqa: PLC0415 - reads /etc/group: the one lookup this module does
 
     if text.isascii() and text.isdigit():
         return int(text)

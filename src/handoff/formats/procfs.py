@@ -1,6 +1,6 @@
 """Reading what /proc says about a process waiting for connections.
 
-Layer 0 (pure): parsers of the text and bytes that ``scan.py`` reads, no I/O here. Linux
+Pure: parsers of the text and bytes that ``system/accepting_scan.py`` reads, no I/O here. Linux
 shows which files an epoll instance watches (``/proc/PID/fdinfo/EPFD``, one ``tfd:`` line
 per registration, with the target's inode in hex), and which system call a thread is
 blocked in (``/proc/PID/task/TID/syscall``: the number and its six arguments). Together

@@ -1,6 +1,6 @@
 """What a worker gets: its environment, its argv placeholders, and the notify wire format.
 
-Layer 0 (pure). docs/protocol.md is the user-facing description of the same contract.
+Pure. docs/protocol.md is the user-facing description of the same contract.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ def parse_notify(payload: bytes) -> dict[str, str]:
     return fields
 
 
-def fd_name(address: str) -> str:
-    """A LISTEN_FDNAMES-safe name for a listener (no ':', at most 255 characters)."""
-    return re.sub(r"[^A-Za-z0-9_.@/\[\]-]", "_", address)[:255] or "socket"
+def fd_name(text: str) -> str:
+    """A socket name systemd accepts (LISTEN_FDNAMES, FDNAME=): no ':', at most 255 bytes.
+
+    Used for the names workers see and for the names of the listeners handoff keeps in
+    systemd's fd store.
+    """
+    return re.sub(r"[^A-Za-z0-9_.@/\[\]-]", "_", text)[:255] or "socket"

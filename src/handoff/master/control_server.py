@@ -1,6 +1,6 @@
 """The control socket: served by the master's own event loop, one request per connection.
 
-Layer 2 (shell). A unix stream socket, mode 0600 (0660 with a control group); every
+A unix stream socket, mode 0600 (0660 with a control group); every
 client is checked with SO_PEERCRED. Sockets are non-blocking and every client is bounded
 (64 KiB in, 1 MiB out, 5 s to send its request, 64 clients), so a client that sends
 garbage, stalls or vanishes costs the master nothing. Requests become events for the
@@ -14,13 +14,14 @@ import contextlib
 import heapq
 import os
 import socket
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol, assert_never
 
+from handoff.core import actions as act
 from handoff.core import events as ev
-from handoff.core.model import MasterState
+from handoff.core.model import Generation, GenId, MasterState
+from handoff.core.policy import ReloadOutcome
 from handoff.formats.control_protocol import (
     MAX_LINE,
     BadRequest,
@@ -28,28 +29,51 @@ from handoff.formats.control_protocol import (
     encode,
     error_line,
     parse_request,
-    progress_message,
 )
-from handoff.formats.log_events import EventName
+from handoff.formats.log_events import EventName, Level
 from handoff.master.logs import emit
-from handoff.system.sockets import remove_stale_unix_socket
+from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
+from handoff.master.sources import Source, Sources, Watch
+from handoff.system.sockets import peer_credentials, remove_stale_unix_socket
 
 MAX_CLIENTS: Final = 64
 MAX_OUTPUT: Final = 1 << 20
 REQUEST_DEADLINE_S: Final = 5.0
-_CREDENTIALS: Final = struct.Struct("3i")
-_PROGRESS: Final = frozenset(
-    {
-        EventName.GENERATION_STARTED,
-        EventName.WORKER_READY,
-        EventName.WORKER_EXITED,
-        EventName.WORKER_SPAWN_FAILED,
-        EventName.WORKER_NOT_READY,
-        EventName.GENERATION_ACTIVE,
-        EventName.GENERATION_DRAINING,
-        EventName.GENERATION_FAILED,
-    }
-)
+_ACCEPTED: Final = {
+    EventName.RELOAD_REQUESTED: "started",
+    EventName.RELOAD_QUEUED: "queued",
+    EventName.RELOAD_REFUSED: "refused",
+}
+
+
+class MasterView(Protocol):
+    """What the control server reads of the machine's state (``Supervisor`` is one)."""
+
+    @property
+    def state(self) -> MasterState: ...
+
+    @property
+    def workers_target(self) -> int: ...
+
+    @property
+    def last_reload(self) -> ReloadOutcome | None: ...
+
+    def generation(self, gen: GenId) -> Generation | None: ...
+
+    def reloading(self) -> GenId | None: ...
+
+
+class ControlledMaster(Protocol):
+    """The loop, as the control server needs it."""
+
+    @property
+    def view(self) -> MasterView: ...
+
+    def submit(self, event: ev.Event) -> list[act.Report]:
+        """Feed the machine; return the reports it answered this event with."""
+        ...
+
+    def status(self) -> Mapping[str, object]: ...
 
 
 @dataclass(slots=True)
@@ -71,30 +95,19 @@ class ControlServer:
         path: str,
         *,
         group: int | None,
-        submit: Callable[[ev.Event], None],
-        status: Callable[[], Mapping[str, object]],
-        state: Callable[[], MasterState],
-        scale_target: Callable[[], int],
+        master: ControlledMaster,
+        sources: Sources,
         clock: Callable[[], float],
-        watch: Callable[[int, bool], None],
-        unwatch: Callable[[int], None],
     ) -> None:
         self.path = path
         self._group = group
-        self._submit = submit
-        self._status = status
-        self._state = state
-        self._scale_target = scale_target
+        self._master = master
+        self._sources = sources
         self._clock = clock
-        self._watch = watch
-        self._unwatch = unwatch
         self._clients: dict[int, Client] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._next_reload: list[Client] = []  # waiting for the next reload to start
-        self._reloads: dict[int, list[Client]] = {}  # gen -> clients waiting for its result
-        self._ready: dict[int, int] = {}
-        self._sizes: dict[int, int] = {}
-        self._seen_start: str = ""  # what the last ReloadRequested produced
+        self._reloads: dict[GenId, list[Client]] = {}  # clients waiting for that reload's result
         remove_stale_unix_socket(path, f"--control {path}")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         previous = os.umask(0o177 if group is None else 0o117)
@@ -138,11 +151,11 @@ class ControlServer:
             fd = sock.fileno()
             client = Client(sock, self._clock() + REQUEST_DEADLINE_S)
             self._clients[fd] = client
-            self._watch(fd, False)
+            self._watch(fd, write=False)
             if len(self._clients) > MAX_CLIENTS:
                 self._fail(fd, client, f"too many control clients (at most {MAX_CLIENTS})")
             elif not self._allowed(sock):
-                emit(EventName.CONTROL_REFUSED, "warning", reason="permission denied")
+                emit(EventName.CONTROL_REFUSED, Level.WARNING, reason="permission denied")
                 self._fail(fd, client, "permission denied", "run as the master's user or root")
             else:
                 heapq.heappush(self._deadlines, (client.deadline, fd))
@@ -156,25 +169,26 @@ class ControlServer:
         if readable and fd in self._clients:
             self._read(fd, client)
 
-    def on_report(self, event: str, fields: Mapping[str, object]) -> None:
-        """What the machine reported: route reload progress and results to waiting clients."""
-        gen = fields.get("gen")
-        match event:
-            case EventName.RELOAD_REQUESTED if isinstance(gen, int):
-                self._seen_start = "started"
-                self._reloads.setdefault(gen, []).extend(self._next_reload)
-                self._next_reload = []
-            case EventName.RELOAD_QUEUED:
-                self._seen_start = "queued"
-            case EventName.RELOAD_REFUSED:
-                self._seen_start = "refused"
-            case EventName.RELOAD_SUCCEEDED | EventName.RELOAD_FAILED if isinstance(gen, int):
-                ok = event == EventName.RELOAD_SUCCEEDED
-                result = {"gen": gen, "duration_s": fields.get("duration_s")}
-                if not ok:
-                    result["reason"] = fields.get("reason")
-                for client in self._reloads.pop(gen, []):
-                    self._finish(client, encode("result", ok=ok, **result))
+    def on_report(self, report: act.Report) -> None:
+        """Route reload progress and results to waiting clients, reading the machine's state."""
+        view = self._master.view
+        match report.event:
+            case EventName.RELOAD_REQUESTED:
+                started = view.reloading()
+                if started is not None:
+                    self._reloads.setdefault(started, []).extend(self._next_reload)
+                    self._next_reload = []
+            case EventName.RELOAD_SUCCEEDED | EventName.RELOAD_FAILED:
+                outcome = view.last_reload
+                if outcome is not None:
+                    result: dict[str, object] = {
+                        "gen": outcome.gen,
+                        "duration_s": outcome.duration_s,
+                    }
+                    if not outcome.ok:
+                        result["reason"] = outcome.reason
+                    for client in self._reloads.pop(outcome.gen, []):
+                        self._finish(client, encode("result", ok=outcome.ok, **result))
             case EventName.MASTER_STOPPING:
                 for client in self._next_reload:
                     self._finish(
@@ -183,7 +197,7 @@ class ControlServer:
                 self._next_reload = []
             case _:
                 pass
-        self._progress(event, fields)
+        self._progress(report)
 
     def close(self) -> None:
         for fd, client in list(self._clients.items()):
@@ -224,52 +238,49 @@ class ControlServer:
             return
         match request.command:
             case Command.STATUS:
-                self._finish(client, encode("result", ok=True, status=self._status()))
+                self._finish(client, encode("result", ok=True, status=self._master.status()))
             case Command.STOP:
-                self._submit(ev.StopRequested(fast=False, source="control"))
+                self._master.submit(ev.StopRequested(fast=False, source="control"))
                 self._finish(client, encode("result", ok=True, pid=os.getpid()))
             case Command.SCALE:
-                was = self._scale_target()
-                self._submit(ev.ScaleRequested(source="control", workers=request.workers))
-                if self._scale_target() == was and request.workers != was:
+                was = self._master.view.workers_target
+                answer = self._master.submit(
+                    ev.ScaleRequested(source="control", workers=request.workers)
+                )
+                if any(report.event is EventName.SCALE_REFUSED for report in answer):
                     self._fail(fd, client, "the master is stopping")
                 else:
-                    self._finish(
-                        client, encode("result", ok=True, workers=self._scale_target(), was=was)
-                    )
+                    workers = self._master.view.workers_target
+                    self._finish(client, encode("result", ok=True, workers=workers, was=was))
             case Command.RELOAD:
                 self._reload(fd, client, wait=request.wait)
+            case _:
+                assert_never(request.command)
 
     def _reload(self, fd: int, client: Client, *, wait: bool) -> None:
-        if self._state() is MasterState.STOPPING:
+        if self._master.view.state is MasterState.STOPPING:
             self._fail(fd, client, "the master is stopping", "a stopping master does not reload")
             return
         if wait:
             self._next_reload.append(client)
-        self._seen_start = ""
-        self._submit(ev.ReloadRequested(source="control"))
+        answer = self._master.submit(ev.ReloadRequested(source="control"))
         if not wait:
-            self._finish(client, encode("result", ok=True, accepted=self._seen_start or "queued"))
+            accepted = next((_ACCEPTED[r.event] for r in answer if r.event in _ACCEPTED), "queued")
+            self._finish(client, encode("result", ok=True, accepted=accepted))
 
-    def _progress(self, event: str, fields: Mapping[str, object]) -> None:
-        gen = fields.get("gen")
-        if event not in _PROGRESS or not self._reloads or not isinstance(gen, int):
+    def _progress(self, report: act.Report) -> None:
+        gen = report.fields.get("gen")
+        if report.event not in PROGRESS_EVENTS or not self._reloads or not isinstance(gen, int):
             return
-        if event == EventName.GENERATION_STARTED:
-            self._sizes[gen] = int(str(fields.get("workers", 0)))
-            self._ready[gen] = 0
-        elif event == EventName.WORKER_READY:
-            self._ready[gen] = self._ready.get(gen, 0) + 1
-        counted = {**fields, "ready_count": self._ready.get(gen, 0)}
-        message = progress_message(event, counted, self._sizes)
+        message = progress_message(report, self._master.view.generation(GenId(gen)))
         if message is None:
             return
-        line = encode("progress", event=event, gen=gen, message=message)
-        if event == EventName.GENERATION_DRAINING:
+        line = encode("progress", event=report.event.value, gen=gen, message=message)
+        if report.event is EventName.GENERATION_DRAINING:
             # The old generation's draining belongs to the reload in progress.
             targets = [c for waiting in self._reloads.values() for c in waiting]
         else:
-            targets = list(self._reloads.get(gen, []))
+            targets = list(self._reloads.get(GenId(gen), []))
         for client in targets:
             self._send(client, line)
 
@@ -289,7 +300,7 @@ class ControlServer:
         client.closing = True
         self._send(client, line)
 
-    def _fail(self, fd: int, client: Client, message: str, hint: str = "") -> None:
+    def _fail(self, fd: int, client: Client, message: str, hint: str | None = None) -> None:
         client.answered = True
         self._finish(client, error_line(message, hint))
 
@@ -309,7 +320,7 @@ class ControlServer:
         want = bool(client.outbox)
         if want != client.wants_write:
             client.wants_write = want
-            self._watch(fd, want)
+            self._watch(fd, write=want)
 
     def _drop(self, fd: int) -> None:
         client = self._clients.pop(fd, None)
@@ -319,13 +330,14 @@ class ControlServer:
         for waiting in self._reloads.values():
             if client in waiting:
                 waiting.remove(client)
-        self._unwatch(fd)
+        self._sources.unwatch(fd)
         client.sock.close()
 
+    def _watch(self, fd: int, *, write: bool) -> None:
+        self._sources.watch(fd, Watch(Source.CLIENT, fd=fd), write=write)
+
     def _allowed(self, sock: socket.socket) -> bool:
-        pid, uid, gid = _CREDENTIALS.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
-        )
+        pid, uid, gid = peer_credentials(sock)
         if uid in (0, os.geteuid()):
             return True
         return self._group is not None and (gid == self._group or self._group in _groups(pid))

@@ -1,6 +1,6 @@
 """structlog set-up: JSON lines off a terminal (journald), a readable console on one.
 
-Layer 2 (shell). Event names are stable dotted identifiers, catalogued in docs/events.md.
+Event names are stable dotted identifiers, catalogued in docs/events.md.
 """
 
 from __future__ import annotations

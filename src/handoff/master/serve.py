@@ -1,6 +1,6 @@
 """The master process's lifetime: warden, signals, sockets, pidfile, loop, clean-up.
 
-Layer 2 (shell). Order matters: the warden is forked before any socket exists (so it
+Order matters: the warden is forked before any socket exists (so it
 never holds the port), the signal handlers are installed before binding (a signal that
 arrives during start-up waits in the inbox instead of killing the master), and the
 sockets close last, after every worker is gone.
@@ -13,17 +13,19 @@ import os
 import socket
 
 from handoff.errors import HandoffError
-from handoff.formats.log_events import EventName
+from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
-from handoff.formats.worker_contract import expand_placeholders
+from handoff.formats.worker_contract import FIRST_LISTEN_FD, expand_placeholders
 from handoff.master.logs import emit
 from handoff.master.loop import MasterLoop
+from handoff.master.system import RealSystem
+from handoff.master.systemd import sync_fd_store
 from handoff.system import children
 from handoff.system import systemd_sockets as activation
 from handoff.system.signals import SignalInbox
-from handoff.system.sockets import Listener, close_listeners, default_backlog, open_listeners
-from handoff.system.systemd_notify import SystemdNotifier
+from handoff.system.sockets import close_listeners, default_backlog, open_listeners
 from handoff.system.warden import start_warden
+from handoff.system.worker_notify import NotifyServer
 
 
 def serve(run_config: RunConfig) -> tuple[int, str]:
@@ -53,11 +55,11 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
             emit(
                 EventName.LISTENER_BOUND,
                 address=listener.address,
-                fd=3 + index,
+                fd=FIRST_LISTEN_FD + index,
                 name=listener.name,
                 port=port,
             )
-        _sync_fd_store(listeners, unused)
+        sync_fd_store(os.environ, listeners, unused)
         _write_pidfile(run_config.pidfile)
         children.become_subreaper()
         emit(
@@ -68,7 +70,16 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
             ready=run_config.ready.describe(),
             command=list(run_config.command),
         )
-        loop = MasterLoop(run_config, listeners, warden, inbox, environ=os.environ)
+        notify = NotifyServer()
+        loop = MasterLoop(
+            run_config,
+            listeners,
+            system=RealSystem(warden),
+            inbox=inbox,
+            notify=notify,
+            warden=warden,
+            environ=os.environ,
+        )
         try:
             code = loop.run()
         except HandoffError:
@@ -76,11 +87,13 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
         except Exception as exc:
             emit(
                 EventName.MASTER_CRASHED,
-                "error",
+                Level.ERROR,
                 error=repr(exc),
                 hint="a bug in handoff: please report it",
             )
             raise
+        finally:
+            notify.close()
         reason = loop.exit_reason
     finally:
         inbox.close()
@@ -132,28 +145,3 @@ def _prepare_control_directory(path: str) -> None:
             f"the control socket directory {directory} belongs to another user",
             hint="choose another place with --control PATH",
         )
-
-
-def _sync_fd_store(listeners: list[Listener], unused: list[str]) -> None:
-    """Under systemd, keep a copy of each listener we bound in its fd store, and drop
-    the stored sockets that no --bind uses any more (their port closes).
-
-    A crashed or restarted master then gets the same sockets back (with
-    FileDescriptorStoreMax= > 0 in the unit): the port never closes. Sockets a .socket
-    unit passed are systemd's already.
-    """
-    notifier = SystemdNotifier.from_environment(os.environ)
-    if notifier is None:
-        return
-    try:
-        for name in unused:
-            if name.startswith(activation.STORE_PREFIX):
-                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
-        for listener in listeners:
-            if listener.spec.name and not listener.spec.name.startswith(activation.STORE_PREFIX):
-                continue
-            name = activation.store_name(listener.spec)
-            if notifier.store_fd(listener.fileno(), name):
-                emit(EventName.LISTENER_STORED, address=listener.address, name=name)
-    finally:
-        notifier.close()

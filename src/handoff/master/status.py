@@ -1,6 +1,6 @@
 """What ``handoff status`` shows: the master, its generations and workers, as plain data.
 
-Layer 2 (shell). Built on request from the machine's records, the master's settings and
+Built on request from the machine's records, the master's settings and
 psutil's view of each worker's process tree (CPU, RSS, connections on the listening
 ports).
 """
@@ -8,10 +8,12 @@ ports).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 
 from handoff.core.machine import Supervisor
 from handoff.formats.options import RunConfig
+from handoff.formats.worker_contract import FIRST_LISTEN_FD
 from handoff.system.process_tree import tree_usage
 from handoff.system.sockets import Listener
 
@@ -21,11 +23,10 @@ def build_status(
     machine: Supervisor,
     config: RunConfig,
     listeners: Sequence[Listener],
-    ports: frozenset[int],
     started_at: float,
     now: float,
-    control_path: str,
 ) -> dict[str, object]:
+    ports = listening_ports(listeners)
     generations = []
     for gen in machine.generations.values():
         workers = []
@@ -35,12 +36,14 @@ def build_status(
                 {
                     "worker": worker.slot,
                     "pid": worker.pid,
-                    "state": worker.state.value,
+                    "state": "stopping" if worker.state.stopping else worker.state.value,
+                    "phase": worker.state.value,
                     "age_s": round(now - worker.started_at, 1),
                     "cpu_s": usage.cpu_s,
                     "rss_bytes": usage.rss_bytes,
                     "connections": usage.connections,
                     "processes": usage.processes,
+                    "notify_status": worker.status,
                 }
             )
         generations.append(
@@ -63,13 +66,22 @@ def build_status(
             "workers": machine.workers_target,
             "command": list(config.command),
             "sockets": [
-                {"address": lst.address, "fd": 3 + index, "name": lst.name}
+                {"address": lst.address, "fd": FIRST_LISTEN_FD + index, "name": lst.name}
                 for index, lst in enumerate(listeners)
             ],
-            "control": control_path,
+            "control": config.control_path or "",
         },
         "generations": generations,
         "last_reload": None
         if last is None
         else {"gen": last.gen, "ok": last.ok, "reason": last.reason, "duration_s": last.duration_s},
     }
+
+
+def listening_ports(listeners: Sequence[Listener]) -> frozenset[int]:
+    """The TCP ports the master listens on (connections on them count in status)."""
+    return frozenset(
+        lst.sock.getsockname()[1]
+        for lst in listeners
+        if lst.sock.family in (socket.AF_INET, socket.AF_INET6)
+    )

@@ -1,6 +1,6 @@
 """Is a worker really waiting for connections on the handed socket? Ask /proc.
 
-Layer 1 (OS mechanics). For ``--ready auto``: a process of the worker's tree counts as
+For ``--ready auto``: a process of the worker's tree counts as
 accepting when the listening socket (same inode as the master's) is registered in one of
 its epoll sets, or one of its threads is blocked in accept/accept4 on it, or in
 poll/ppoll/select/pselect6 over it (the fd arrays are read from /proc/PID/mem, which the

@@ -1,6 +1,6 @@
 """Child processes: fork + execve with the sockets in place, pidfds, signals, reaping.
 
-Layer 1 (OS mechanics). Why fork + execve and not subprocess: LISTEN_PID must be the
+Why fork + execve and not subprocess: LISTEN_PID must be the
 worker's own pid, which only exists after fork. Forking is safe because the master is
 single-threaded. Between fork and exec the child only moves fds, resets signals and sets
 its session; an exec failure travels back as errno over a close-on-exec pipe.

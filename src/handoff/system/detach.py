@@ -1,6 +1,6 @@
 """Stop an old worker accepting, from outside, before it gets the stop signal.
 
-Layer 1 (OS mechanics). Most servers stop accepting only once they begin to shut down,
+Most servers stop accepting only once they begin to shut down,
 and a connection accepted in that instant can be dropped unread. So the master removes
 the worker's interest in the listening socket itself: ``pidfd_getfd`` (Linux 5.6) gives
 the master a copy of the worker's epoll fd; an epoll registration is keyed by (open file,

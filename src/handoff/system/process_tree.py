@@ -1,7 +1,4 @@
-"""Process trees and titles: the only module that imports psutil and setproctitle.
-
-Layer 1 (OS mechanics).
-"""
+"""Process trees and titles: the only module that imports psutil and setproctitle."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Signals as readable bytes: handlers do nothing, ``set_wakeup_fd`` wakes the selector.
 
-Layer 1 (OS mechanics). Why not signalfd: it needs the signals blocked in every thread,
+Why not signalfd: it needs the signals blocked in every thread,
 and a blocked mask survives fork *and* exec, so every worker would start with SIGTERM
 blocked unless each spawn path unblocked it. The wakeup fd keeps dispositions ordinary.
 The bytes read back are the signal numbers (asyncio does the same); they are deduplicated

@@ -1,6 +1,6 @@
 """Listening sockets: bind them once from BindSpecs, close them (and our unix files) at exit.
 
-Layer 1 (OS mechanics). The master never accepts on these; workers inherit them.
+The master never accepts on these; workers inherit them.
 """
 
 from __future__ import annotations
@@ -10,11 +10,22 @@ import errno
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
+from typing import Final
 
 from handoff.errors import BindError, ConfigError
 from handoff.formats.options import BindKind, BindSpec
 from handoff.formats.worker_contract import FDSTORE_PREFIX, fd_name
+
+# struct ucred, as SO_PEERCRED and SCM_CREDENTIALS give it: pid, uid, gid.
+UCRED: Final = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket."""
+    pid, uid, gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+    return pid, uid, gid
 
 
 @dataclass(slots=True, kw_only=True)

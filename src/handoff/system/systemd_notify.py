@@ -1,6 +1,6 @@
 """Talking to systemd: sd_notify messages (READY, RELOADING, STATUS, ...), and the fd store.
 
-Layer 1 (OS mechanics). Only when systemd gave the master a NOTIFY_SOCKET; workers never
+Only when systemd gave the master a NOTIFY_SOCKET; workers never
 see it (they get the master's own notify socket). The datagram format is systemd's
 sd_notify(3): newline-separated KEY=VALUE; file descriptors for the fd store travel as
 SCM_RIGHTS with FDSTORE=1 and a FDNAME.

@@ -1,6 +1,6 @@
 """Sockets systemd passes to the master: socket activation and the fd store.
 
-Layer 1 (OS mechanics). systemd passes sockets as fds 3.. with LISTEN_FDS, LISTEN_PID (it
+systemd passes sockets as fds 3.. with LISTEN_FDS, LISTEN_PID (it
 must be our pid) and LISTEN_FDNAMES: those of a .socket unit (named after FileDescriptorName=,
 or the unit), and those the master stored in the fd store (FDSTORE=1, named by us
 "handoff_" + the --bind text) before a crash or restart. Stored ones are adopted instead
@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Mapping, MutableMapping
-from typing import Final
 
 from handoff.errors import ConfigError
 from handoff.formats.options import DEFAULT_BIND, BindKind, BindSpec, parse_bind
-from handoff.formats.worker_contract import FDSTORE_PREFIX, FIRST_LISTEN_FD
-
-STORE_PREFIX: Final = FDSTORE_PREFIX
+from handoff.formats.worker_contract import FDSTORE_PREFIX, FIRST_LISTEN_FD, fd_name
 
 
 def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int]:
@@ -48,13 +44,15 @@ def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int
 
 def store_name(spec: BindSpec) -> str:
     """The fd store name of a listener handoff bound itself (systemd: no ':', ≤ 255)."""
-    return (STORE_PREFIX + re.sub(r"[^A-Za-z0-9_.@/-]", "_", spec.text))[:255]
+    return fd_name(FDSTORE_PREFIX + spec.text)
 
 
 def resolve(specs: tuple[BindSpec, ...], passed: Mapping[str, int]) -> tuple[BindSpec, ...]:
     """What to listen on: the --bind specs, with passed sockets adopted where they fit."""
     if not specs:
-        activated = [(name, fd) for name, fd in passed.items() if not name.startswith(STORE_PREFIX)]
+        activated = [
+            (name, fd) for name, fd in passed.items() if not name.startswith(FDSTORE_PREFIX)
+        ]
         if activated:
             return tuple(
                 BindSpec(kind=BindKind.FD, text=f"fd:{name}", fd=fd, name=name)

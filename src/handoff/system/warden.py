@@ -1,6 +1,6 @@
 """The warden: a small forked process that kills worker process groups if the master dies.
 
-Layer 1 (OS mechanics). PR_SET_PDEATHSIG (set on every worker) reaches only the worker
+PR_SET_PDEATHSIG (set on every worker) reaches only the worker
 itself, not its children: gunicorn's or uvicorn's own workers would live on holding the
 port. So the master forks, before it opens any socket, a warden that holds the read end of
 a pipe whose only write end the master keeps. The master writes "+PID" when it spawns a

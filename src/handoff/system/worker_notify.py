@@ -1,6 +1,6 @@
 """The master's own notify socket: workers send sd_notify datagrams (READY=1) to it.
 
-Layer 1 (OS mechanics). An abstract unix datagram socket (no file to clean up) with
+An abstract unix datagram socket (no file to clean up) with
 SO_PASSCRED, so the kernel stamps every datagram with the sender's pid; the loop maps that
 pid to a worker through the process tree (gunicorn notifies from its arbiter, which is the
 worker, but other servers notify from a child). Abstract sockets have no permissions, so
@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import struct
 from typing import Final
 
 from handoff.core.model import Pid
 from handoff.formats.worker_contract import parse_notify
+from handoff.system.sockets import UCRED
 
-_CREDENTIALS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_DATAGRAM: Final = 4096
 
 
@@ -43,13 +42,13 @@ class NotifyServer:
         while True:
             try:
                 data, ancillary, _, _ = self._sock.recvmsg(
-                    _MAX_DATAGRAM, socket.CMSG_SPACE(_CREDENTIALS.size)
+                    _MAX_DATAGRAM, socket.CMSG_SPACE(UCRED.size)
                 )
             except BlockingIOError:
                 return messages
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid, _, _ = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])
+                    pid, _, _ = UCRED.unpack(payload[: UCRED.size])
                     messages.append((Pid(pid), parse_notify(data)))
 
     def close(self) -> None:

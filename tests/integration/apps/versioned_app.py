@@ -3,7 +3,7 @@
 VERSION_FILE (env) is read once at import: a reload proves that the new generation runs
 the code and configuration as they are on disk now.
 
-Two contents stand for bad releases (bench/peers.py deploys them); any other content is
+Two contents stand for bad releases (bench/peers deploys them); any other content is
 served as it is:
 
   broken  the import raises RuntimeError, as a release with a bug at start-up would

@@ -1,0 +1,76 @@
+"""What the master loop waits on: one epoll selector, each fd tagged with its source.
+
+A turn handles what woke the loop in the order of ``Source``: signals first, then worker
+exits before notify messages and probe results, so a worker that died in the same pass is
+never counted ready; control clients last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Final
+
+from handoff.core.model import Pid
+
+
+class Source(Enum):
+    """What woke the loop; handled in this order."""
+
+    SIGNALS = auto()
+    WORKER = auto()
+    NOTIFY = auto()
+    PROBE = auto()
+    WARDEN = auto()
+    CONTROL = auto()
+    CLIENT = auto()
+
+
+NO_PID: Final = Pid(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    source: Source
+    pid: Pid = NO_PID  # the worker, for WORKER and PROBE
+    fd: int = -1  # a control client's socket
+
+
+@dataclass(frozen=True, slots=True)
+class Wakeup:
+    watch: Watch
+    readable: bool
+    writable: bool
+
+
+class Sources:
+    """The selector: register what to wait on, wait until something is ready."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+
+    def watch(self, fd: int, watch: Watch, *, write: bool = False) -> None:
+        """Wait for fd to be readable (and writable with write); re-watching replaces."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            self._selector.modify(fd, events, watch)
+        except KeyError:
+            self._selector.register(fd, events, watch)
+
+    def unwatch(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+
+    def wait(self, timeout: float | None) -> list[Wakeup]:
+        """Block until an fd is ready or the timeout passes; in ``Source`` order."""
+        ready = self._selector.select(timeout)
+        wakeups = [
+            Wakeup(key.data, bool(mask & selectors.EVENT_READ), bool(mask & selectors.EVENT_WRITE))
+            for key, mask in ready
+        ]
+        return sorted(wakeups, key=lambda wakeup: wakeup.watch.source.value)
+
+    def close(self) -> None:
+        self._selector.close()

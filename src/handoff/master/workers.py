@@ -1,0 +1,117 @@
+"""The worker table: the live worker processes, by pid, with their pidfds.
+
+Spawning builds what a worker gets (the command as it is on disk now, its argv with the
+fd placeholders filled in, its environment: docs/protocol.md) and watches its pidfd;
+an exit kills what is left of the worker's process group, reaps it and forgets it. The
+warden hears of every worker group as it comes and goes. Each call returns the event for
+the machine; the loop feeds it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+
+from handoff.core import events as ev
+from handoff.core.model import GenId, Pid
+from handoff.errors import SpawnError
+from handoff.formats.options import RunConfig
+from handoff.formats.worker_contract import (
+    expand_placeholders,
+    names_sockets_in_argv,
+    worker_environment,
+)
+from handoff.master.sources import Source, Sources, Watch
+from handoff.master.system import System
+from handoff.system.children import Child, SpawnRequest
+from handoff.system.sockets import Listener
+
+
+class WorkerTable:
+    """Live workers: spawn, exit, forget; see the module docstring."""
+
+    def __init__(
+        self,
+        system: System,
+        sources: Sources,
+        config: RunConfig,
+        listeners: Sequence[Listener],
+        environ: Mapping[str, str],
+    ) -> None:
+        self._system = system
+        self._sources = sources
+        self._config = config
+        self._listeners = listeners
+        self._environ = dict(environ)
+        self._children: dict[Pid, Child] = {}
+
+    def pids(self) -> list[Pid]:
+        return list(self._children)
+
+    def get(self, pid: Pid) -> Child | None:
+        return self._children.get(pid)
+
+    def spawn(self, gen: GenId, slot: int, notify_address: str) -> ev.Event:
+        """Start one worker; WorkerSpawned, or SpawnFailed with the reason."""
+        config = self._config
+        try:
+            executable = _resolve(config.command[0], self._environ)
+            argv = expand_placeholders(config.command, len(self._listeners))
+            listen_fds = not names_sockets_in_argv(config.command)
+            env = worker_environment(
+                self._environ,
+                listener_names=[listener.name for listener in self._listeners],
+                notify_socket=notify_address,
+                generation=gen,
+                slot=slot,
+                listen_fds=listen_fds,
+            )
+            child = self._system.spawn(
+                SpawnRequest(
+                    executable=executable,
+                    argv=argv,
+                    env=env,
+                    listen_fds=[listener.fileno() for listener in self._listeners],
+                    set_listen_pid=listen_fds,
+                )
+            )
+        except SpawnError as exc:
+            return ev.SpawnFailed(gen=gen, slot=slot, reason=exc.message)
+        self._children[child.pid] = child
+        self._system.guard(child.pid, guarded=True)
+        self._sources.watch(child.pidfd, Watch(Source.WORKER, child.pid))
+        return ev.WorkerSpawned(gen=gen, slot=slot, pid=child.pid)
+
+    def on_exit(self, pid: Pid) -> ev.ChildExited | None:
+        """The worker's pidfd is readable: clear its group, reap and forget it."""
+        child = self._children[pid]
+        # The leader is a zombie until waited for, so its pid (the group id) cannot be
+        # recycled yet: whatever is left in its group dies with it.
+        self._system.kill_group(pid)
+        status = self._system.reap(child)
+        if status is None:
+            return None
+        self._forget(pid)
+        return ev.ChildExited(pid=pid, status=status)
+
+    def kill_all(self) -> None:
+        """At shutdown after an internal error: kill and reap every worker still here."""
+        for pid, child in list(self._children.items()):
+            self._system.kill_tree(pid)
+            self._system.reap(child, block=True)
+            self._forget(pid)
+
+    def _forget(self, pid: Pid) -> None:
+        child = self._children.pop(pid)
+        self._sources.unwatch(child.pidfd)
+        child.close()
+        self._system.guard(pid, guarded=False)
+
+
+def _resolve(command: str, environ: Mapping[str, str]) -> str:
+    """Find the executable as it is on disk now (a reload picks up a new release)."""
+    found = shutil.which(command, path=environ.get("PATH", os.defpath))
+    if found is None:
+        raise SpawnError(f"command not found: '{command}'")
+    return found
