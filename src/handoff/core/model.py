@@ -16,6 +16,10 @@ Pid = NewType("Pid", int)
 GenId = NewType("GenId", int)
 
 
+class InvalidTransition(AssertionError):
+    """A state change the state machines forbid: always a bug in handoff."""
+
+
 class MasterState(StrEnum):
     STARTING = "starting"
     RUNNING = "running"

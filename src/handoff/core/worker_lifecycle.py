@@ -1,0 +1,153 @@
+"""One worker's state machine: ready, the three stopping phases, exit.
+
+Pure. The ``Supervisor`` owns one ``WorkerLifecycle`` and decides *when* a worker stops
+(its generation drains or fails, the master stops, a slot is scaled away) and what a lost
+worker means for its generation; this class makes each worker transition, guarded, and
+reports it. Only it changes ``Worker`` records; the ``Supervisor`` changes generations
+and the master. See ``model.WorkerState`` for the states and edges:
+
+    STARTING -> READY                    proved ready (readiness.py)
+    STARTING | READY -> SETTLING         taken off the listening socket (DetachListeners)
+    SETTLING -> SIGNALLED                after --settle: the stop signal, once; drain timer
+    live -> KILLED                       drain timeout or fast stop: KillTree
+    live -> EXITED                       reaped; forgotten here and only here
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from handoff.core import actions as act
+from handoff.core.model import ExitStatus, GenId, InvalidTransition, Pid, Worker, WorkerState
+from handoff.core.policy import Policy
+from handoff.core.readiness import Readiness
+from handoff.core.timers import TimerKey, TimerKind
+from handoff.formats.log_events import EventName, Level
+
+
+def worker_fields(worker: Worker) -> dict[str, object]:
+    """The fields that name a worker in every ``worker.*`` report about it."""
+    return {"gen": worker.gen, "worker": worker.slot, "pid": worker.pid}
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """What a reaped worker leaves behind: its record, and why it counts as lost (if it does)."""
+
+    worker: Worker
+    lost_reason: str  # empty: it exited because it was told to
+    was_ready_at: float | None  # for respawn accounting: how long it had been ready
+
+
+class WorkerLifecycle:
+    """The live workers by pid, and their transitions; see the module docstring."""
+
+    def __init__(self, policy: Policy, readiness: Readiness) -> None:
+        self._policy = policy
+        self._readiness = readiness
+        self._workers: dict[Pid, Worker] = {}
+
+    def get(self, pid: Pid) -> Worker | None:
+        return self._workers.get(pid)
+
+    def live(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def spawned(self, gen: GenId, slot: int, pid: Pid, now: float, out: list[act.Action]) -> Worker:
+        """A new worker: STARTING (the caller starts its readiness watch, or stops it)."""
+        worker = Worker(gen=gen, slot=slot, pid=pid, state=WorkerState.STARTING, started_at=now)
+        self._workers[pid] = worker
+        out.append(act.Report(event=EventName.WORKER_SPAWNED, fields=worker_fields(worker)))
+        return worker
+
+    def ready(
+        self, worker: Worker, via: str, now: float, out: list[act.Action], detail: str = ""
+    ) -> bool:
+        """STARTING -> READY; False for a repeated READY=1 or a worker already told to stop."""
+        if worker.state is not WorkerState.STARTING:
+            return False
+        worker.state = WorkerState.READY
+        worker.ready_at = now
+        self._readiness.forget(worker, out)
+        fields = {
+            **worker_fields(worker),
+            "via": via,
+            "duration_s": round(now - worker.started_at, 4),
+        }
+        if detail:
+            fields["detail"] = detail
+        out.append(act.Report(event=EventName.WORKER_READY, fields=fields))
+        return True
+
+    def stop(self, worker: Worker, out: list[act.Action], *, respawn_reason: str = "") -> None:
+        """STARTING | READY -> SETTLING: first stop it accepting (from outside), then, after
+        the settle, signal it. With respawn_reason, its slot is respawned once it exits."""
+        if worker.state not in (WorkerState.STARTING, WorkerState.READY):
+            return
+        worker.state = WorkerState.SETTLING
+        worker.respawn_reason = respawn_reason
+        self._readiness.forget(worker, out)
+        out.append(act.DetachListeners(pid=worker.pid))
+        if self._policy.settle_s > 0:
+            key = TimerKey(TimerKind.SETTLE, worker.pid)
+            out.append(act.StartTimer(key=key, delay_s=self._policy.settle_s))
+        else:
+            self.signal_stop(worker, out)
+
+    def signal_stop(self, worker: Worker, out: list[act.Action]) -> None:
+        """SETTLING -> SIGNALLED: the stop signal, exactly once, and the drain deadline."""
+        if worker.state is not WorkerState.SETTLING:
+            return
+        worker.state = WorkerState.SIGNALLED
+        out.append(act.SendSignal(pid=worker.pid, signal=self._policy.stop_signal))
+        key = TimerKey(TimerKind.DRAIN, worker.pid)
+        out.append(act.StartTimer(key=key, delay_s=self._policy.drain_timeout_s))
+
+    def kill(self, worker: Worker, reason: str, out: list[act.Action]) -> None:
+        """Any live state -> KILLED: its whole process tree, once."""
+        if worker.state in (WorkerState.KILLED, WorkerState.EXITED):
+            return
+        worker.state = WorkerState.KILLED
+        self._readiness.forget(worker, out)
+        out.append(act.KillTree(pid=worker.pid))
+        out.append(
+            act.Report(
+                event=EventName.WORKER_KILLED,
+                level=Level.WARNING,
+                fields={**worker_fields(worker), "reason": reason},
+            )
+        )
+
+    def exited(self, pid: Pid, status: ExitStatus, now: float, out: list[act.Action]) -> Exited:
+        """Any live state -> EXITED: forget the worker, say whether it was lost."""
+        worker = self._workers.pop(pid, None)
+        if worker is None:
+            raise InvalidTransition(f"pid {pid} reported exited but is not a live worker")
+        was = worker.state
+        worker.state = WorkerState.EXITED
+        self._readiness.forget(worker, out)
+        out.append(act.CancelTimer(key=TimerKey(TimerKind.DRAIN, pid)))
+        if self._policy.settle_s > 0:
+            out.append(act.CancelTimer(key=TimerKey(TimerKind.SETTLE, pid)))
+        expected = was.stopping and not worker.respawn_reason
+        description = status.describe(killed_by_us=was is WorkerState.KILLED)
+        out.append(
+            act.Report(
+                event=EventName.WORKER_EXITED,
+                level=Level.INFO if expected else Level.WARNING,
+                fields={
+                    **worker_fields(worker),
+                    "status": description,
+                    "expected": expected,
+                    "uptime_s": round(now - worker.started_at, 4),
+                    **status.as_fields(),
+                },
+            )
+        )
+        if worker.respawn_reason:
+            return Exited(worker, worker.respawn_reason, None)
+        if expected:
+            return Exited(worker, "", None)
+        ready = "after it was ready" if was is WorkerState.READY else "before it was ready"
+        reason = f"worker {worker.slot} (pid {pid}) {description} {ready}"
+        return Exited(worker, reason, worker.ready_at)
