@@ -118,6 +118,22 @@ class MasterLoop:
 
     def run(self) -> int:
         """Run until the machine says exit; return the exit code."""
+        try:
+            self.start()
+            while self._exit is None:
+                self.turn()
+        finally:
+            self.shut_down()
+        assert self._exit is not None
+        return self._exit.code
+
+    @property
+    def exit(self) -> act.Exit | None:
+        """What the machine said when it finished; None while it runs."""
+        return self._exit
+
+    def start(self) -> None:
+        """Open the control socket, watch the sources, start the first generation."""
         if self._config.control_path is not None:
             self._control = ControlServer(
                 self._config.control_path,
@@ -131,16 +147,11 @@ class MasterLoop:
         self._sources.watch(self._inbox.fileno(), Watch(Source.SIGNALS))
         self._sources.watch(self._notify.fileno(), Watch(Source.NOTIFY))
         self._sources.watch(self._warden.pidfd, Watch(Source.WARDEN))
-        try:
-            self._update_title()
-            self._feed(ev.Started())
-            while self._exit is None:
-                self._turn()
-        finally:
-            self._shut_down()
-        return self._exit.code
+        self._update_title()
+        self._feed(ev.Started())
 
-    def _turn(self) -> None:
+    def turn(self) -> None:
+        """Wait for what is next, and handle everything that woke the loop."""
         deadlines = [
             deadline
             for deadline in (
@@ -229,8 +240,8 @@ class MasterLoop:
             ready = fields.get("READY") == "1"
             self._feed(ev.WorkerNotified(pid=worker, ready=ready, status=fields.get("STATUS")))
 
-    def _shut_down(self) -> None:
-        # Normally every worker is gone by now; after an internal error, make it so.
+    def shut_down(self) -> None:
+        """Normally every worker is gone by now; after an internal error, make it so."""
         self._workers.kill_all()
         self._probes.kill_all()
         for pid in self._system.kill_strays({self._warden.pid}):
