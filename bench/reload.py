@@ -33,7 +33,7 @@ from pathlib import Path
 from handoff.demo.drill import (
     DrillConfig,
     DrillResult,
-    clean_environment,
+    child_environment,
     run_drill,
     spawn_with_listener,
 )
@@ -102,7 +102,7 @@ async def run_bare_load(
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener.listen(socket.SOMAXCONN)
         port = int(listener.getsockname()[1])
-        env = clean_environment(None)
+        env = child_environment(None)
         for worker in range(workers):
             worker_env = {**env, "HANDOFF_WORKER": str(worker)}
             process = await spawn_with_listener(command, listener, worker_env, quiet=quiet)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from handoff.demo.drill import clean_environment
+from handoff.demo.drill import child_environment
 from handoff.demo.load import LoadConfig, LoadGenerator, LoadStats
 
 from .measure import Timeline
@@ -253,7 +253,7 @@ async def run_gunicorn_hup(
             gunicorn_argv(f"fd://{listener.fileno()}", pair, preload=False), listener, log
         )
         try:
-            await server.start(clean_environment({"VERSION_FILE": str(version_file)}))
+            await server.start(child_environment({"VERSION_FILE": str(version_file)}))
             # gunicorn holds the socket now; from here on it is open only while gunicorn is.
             listener.close()
             await server.wait_serving(port)

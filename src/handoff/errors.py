@@ -41,9 +41,3 @@ class SpawnError(HandoffError):
 
 class PlatformError(HandoffError):
     """The kernel or sandbox lacks something handoff needs (pidfd_open, /proc)."""
-
-
-class NeverReadyError(HandoffError):
-    """The first generation never became ready (exit 3)."""
-
-    exit_code = EXIT_NEVER_READY

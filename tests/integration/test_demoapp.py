@@ -24,7 +24,7 @@ from typing import Final
 
 import pytest
 
-from handoff.demo.drill import DrillConfig, clean_environment, run_drill, spawn_with_listener
+from handoff.demo.drill import DrillConfig, child_environment, run_drill, spawn_with_listener
 from handoff.demo.run import run_demo
 
 DEADLINE_S: Final = 20.0
@@ -68,7 +68,7 @@ async def running_app(tmp_path: Path, version: str | None = None) -> AsyncIterat
         listener.listen(128)
         notify.bind("\0" + address)
         notify.setblocking(False)
-        env = clean_environment(
+        env = child_environment(
             {"NOTIFY_SOCKET": "@" + address, "HANDOFF_GENERATION": "7", "HANDOFF_WORKER": "1"}
         )
         process = await spawn_with_listener(command, listener, env)
@@ -181,7 +181,7 @@ def test_without_its_sockets_it_exits_2_and_says_why(env: dict[str, str], messag
     result = subprocess.run(
         APP,
         check=False,
-        env=clean_environment(env),
+        env=child_environment(env),
         capture_output=True,
         text=True,
         timeout=DEADLINE_S,

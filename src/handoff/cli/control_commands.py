@@ -15,6 +15,7 @@ import click
 
 from handoff.cli.control_client import exchange, locate, wait_for_exit
 from handoff.errors import HandoffError
+from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,7 +136,7 @@ def stop(timeout: float, control: str | None, pidfile: str | None, name: str | N
 
 
 @click.command()
-@click.argument("workers", type=click.IntRange(min=1, max=1024))
+@click.argument("workers", type=click.IntRange(min=MIN_WORKERS, max=MAX_WORKERS))
 @_locating
 def scale(workers: int, control: str | None, pidfile: str | None, name: str | None) -> int:
     """Set the number of workers per generation (the serving one now)."""

@@ -111,7 +111,7 @@ def cli() -> None:
 @click.option(
     "-w",
     "--workers",
-    type=click.IntRange(min=1, max=1024),
+    type=click.IntRange(min=options.MIN_WORKERS, max=options.MAX_WORKERS),
     default=1,
     show_default=True,
     help="Worker processes per generation.",
@@ -147,7 +147,7 @@ def cli() -> None:
 @click.option(
     "--settle",
     type=_duration("--settle"),
-    default="0.25",
+    default=str(options.DEFAULT_SETTLE_S),
     show_default=True,
     help="Seconds between taking an old worker off the listening socket and its stop signal.",
 )

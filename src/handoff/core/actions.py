@@ -55,7 +55,7 @@ class CancelTimer:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunProbe:
-    """Start one readiness probe of the worker (exec:, later /proc scanning)."""
+    """Start one readiness probe of the worker (exec: runs the command, auto scans /proc)."""
 
     pid: Pid
     gen: GenId

@@ -1,7 +1,8 @@
 """Records of the supervision state: workers, generations, exit statuses.
 
-The records are mutable, but only ``core/machine.py`` changes them; everything else reads
-them (the loop for process titles, the control server for progress and status, the
+The records are mutable, but only the core's state machines change them (workers:
+``worker_lifecycle.py``; generations: ``generations.py``; the master: ``machine.py``);
+everything else reads them (the loop for process titles, the control server for progress and status, the
 systemd glue for STATUS=).
 """
 

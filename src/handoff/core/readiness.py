@@ -1,14 +1,12 @@
 """How a starting worker proves it is ready: the timers and probes of each ``--ready`` mode.
 
-Pure: no syscalls, no clock, no logging. The ``Supervisor`` owns one
-``Readiness`` and keeps every state change of workers, generations and the master to
-itself; this class only decides the readiness actions: the ready timeout and, per mode,
-the ``delay:`` timer or the probe (``RunProbe``, answered with ``ProbeFinished``, retried
-with capped backoff). READY=1 over the notify socket counts in every mode and needs
-nothing from here.
-
-This is the seam where ``--ready auto`` plugs in next: a /proc scanner that the loop runs
-for ``RunProbe`` and reports through ``ProbeFinished``, exactly as it runs ``exec:``.
+Pure: no syscalls, no clock, no logging. ``Generations`` owns one ``Readiness``; the
+state changes of workers stay with ``WorkerLifecycle``. This class only decides the
+readiness actions: the ready timeout and, per mode, the ``delay:`` timer or the probe
+(``RunProbe``, answered with ``ProbeFinished``, retried with capped backoff). The loop
+runs a probe as an ``exec:`` command, or under ``auto`` as a /proc scan of the worker's
+tree (system/accepting_scan.py). READY=1 over the notify socket counts in every mode; under
+``auto`` it first triggers a scan (see ``notified``).
 """
 
 from __future__ import annotations

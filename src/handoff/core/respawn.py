@@ -1,6 +1,6 @@
 """Respawning the serving generation's lost workers: crash accounting and capped backoff.
 
-Pure. Written like ``Readiness``: the ``Supervisor`` owns one ``Respawns`` and keeps every
+Pure. Written like ``Readiness``: ``Generations`` owns one ``Respawns`` and keeps every
 state change of workers and generations to itself; this helper keeps only its own
 bookkeeping (crashes in a row per slot, which slots wait for a respawn timer) and returns
 the timers and reports to act on. A slot whose worker was ready for ``stable_after_s``

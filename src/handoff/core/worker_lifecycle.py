@@ -1,10 +1,10 @@
 """One worker's state machine: ready, the three stopping phases, exit.
 
-Pure. The ``Supervisor`` owns one ``WorkerLifecycle`` and decides *when* a worker stops
-(its generation drains or fails, the master stops, a slot is scaled away) and what a lost
-worker means for its generation; this class makes each worker transition, guarded, and
-reports it. Only it changes ``Worker`` records; the ``Supervisor`` changes generations
-and the master. See ``model.WorkerState`` for the states and edges:
+Pure. ``Generations`` owns one ``WorkerLifecycle`` and, with the ``Supervisor``, decides
+*when* a worker stops (its generation drains or fails, the master stops, a slot is scaled
+away) and what a lost worker means for its generation; this class makes each worker
+transition, guarded, and reports it. Only it changes ``Worker`` records (``Generations``
+changes generations, the ``Supervisor`` the master). See ``model.WorkerState`` for the states and edges:
 
     STARTING -> READY                    proved ready (readiness.py)
     STARTING | READY -> SETTLING         taken off the listening socket (DetachListeners)

@@ -28,7 +28,7 @@ from handoff.demo.master_process import (
     start_master,
     stop_master,
 )
-from handoff.formats import worker_contract as protocol
+from handoff.formats import worker_contract
 from handoff.formats.log_events import EventName
 
 
@@ -115,13 +115,13 @@ class DrillResult:
         }
 
 
-def clean_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
+def child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     """Return our environment without the outer service manager's variables, plus extra.
 
     A master (or bare server) that inherited LISTEN_* or NOTIFY_SOCKET would adopt
     systemd's sockets or tell systemd it is ready.
     """
-    env = protocol.clean_environment(os.environ)
+    env = worker_contract.clean_environment(os.environ)
     env.update(extra or {})
     return env
 
@@ -211,7 +211,7 @@ async def run_drill(
             middle.
     """
     say = progress or (lambda _line: None)
-    process, output = await start_master(_master_argv(config), clean_environment(config.env))
+    process, output = await start_master(_master_argv(config), child_environment(config.env))
     stop = asyncio.Event()
     load_task: asyncio.Task[LoadStats] | None = None
     try:
@@ -312,7 +312,7 @@ async def spawn_with_listener(
     fd = listener.fileno()
     output = asyncio.subprocess.DEVNULL if quiet else None
     child_env = {k: v for k, v in env.items() if k not in ("LISTEN_FDS", "LISTEN_PID")}
-    if not protocol.names_sockets_in_argv(command):
+    if not worker_contract.names_sockets_in_argv(command):
         child_env |= {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -320,7 +320,7 @@ async def spawn_with_listener(
         "-c",
         _TRAMPOLINE,
         str(fd),
-        *protocol.expand_placeholders(command, 1),
+        *worker_contract.expand_placeholders(command, 1),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=output,
         stderr=output,

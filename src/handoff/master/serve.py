@@ -20,8 +20,7 @@ from handoff.master.logs import emit
 from handoff.master.loop import MasterLoop
 from handoff.master.system import RealSystem
 from handoff.master.systemd import sync_fd_store
-from handoff.system import children
-from handoff.system import systemd_sockets as activation
+from handoff.system import children, systemd_sockets
 from handoff.system.signals import SignalInbox
 from handoff.system.sockets import close_listeners, default_backlog, open_listeners
 from handoff.system.warden import start_warden
@@ -30,8 +29,8 @@ from handoff.system.worker_notify import NotifyServer
 
 def serve(run_config: RunConfig) -> tuple[int, str]:
     """Own the sockets and run the master loop until it exits; return (exit code, reason)."""
-    passed = activation.passed_sockets(os.environ, os.getpid())
-    specs = activation.resolve(run_config.binds, passed)
+    passed = systemd_sockets.passed_sockets(os.environ, os.getpid())
+    specs = systemd_sockets.resolve(run_config.binds, passed)
     expand_placeholders(run_config.command, len(specs))  # validate {fdN} early
     children.check_platform()
     # The warden is forked before any socket exists, so it never holds the port.
@@ -42,7 +41,7 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
     listeners = []
     try:
         listeners = open_listeners(specs, run_config.backlog or default_backlog())
-        unused = activation.close_unused(passed, specs)
+        unused = systemd_sockets.close_unused(passed, specs)
         for name in unused:
             emit(
                 EventName.LISTENER_UNUSED,

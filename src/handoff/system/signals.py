@@ -24,7 +24,8 @@ HANDLED: Final = (
     signal.SIGQUIT,
     signal.SIGUSR1,
     signal.SIGCHLD,
-    # Reserved (re-exec, scale): caught so they can neither kill nor suspend the master.
+    # USR2 (logged as not supported), TTIN/TTOU (scale by one): caught, so that none of
+    # them can kill or suspend the master.
     signal.SIGUSR2,
     signal.SIGTTIN,
     signal.SIGTTOU,
