@@ -2,8 +2,8 @@
 
 The records are mutable, but only the core's state machines change them (workers:
 ``worker_lifecycle.py``; generations: ``generations.py``; the master: ``machine.py``);
-everything else reads them (the loop for process titles, the control server for progress and status, the
-systemd glue for STATUS=).
+everything else reads them (the loop for process titles, the control server for
+progress and status, the systemd glue for STATUS=).
 """
 
 from __future__ import annotations

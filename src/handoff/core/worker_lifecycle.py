@@ -4,7 +4,8 @@ Pure. ``Generations`` owns one ``WorkerLifecycle`` and, with the ``Supervisor``,
 *when* a worker stops (its generation drains or fails, the master stops, a slot is scaled
 away) and what a lost worker means for its generation; this class makes each worker
 transition, guarded, and reports it. Only it changes ``Worker`` records (``Generations``
-changes generations, the ``Supervisor`` the master). See ``model.WorkerState`` for the states and edges:
+changes generations, the ``Supervisor`` the master). The states and edges
+(``model.WorkerState``):
 
     STARTING -> READY                    proved ready (readiness.py)
     STARTING | READY -> SETTLING         taken off the listening socket (DetachListeners)
