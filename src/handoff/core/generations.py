@@ -191,7 +191,7 @@ class Generations:
         if worker is None:
             return None
         if event.status is not None:
-            worker.status = event.status
+            self.workers.note_status(worker, event.status)
         if event.ready and self._readiness.notified(worker, out):
             return self._ready(worker, "notify", now, out)
         return None

@@ -1,9 +1,12 @@
 """The supervisor's functional core: ``Supervisor.handle(event, now) -> actions``.
 
 Pure: no syscalls, no clock, no logging; time comes in as ``now``. Every transition is
-guarded (an impossible one raises ``InvalidTransition``, which is a bug) and reported with
-exactly one ``Report``. The work is shared by three state machines, each the only code that
-changes its records:
+guarded (an impossible one raises ``InvalidTransition``, which is a bug). Every master and
+generation transition, and a worker's spawn, readiness, kill and exit, is reported with
+exactly one ``Report``; taking a worker off the socket and signalling it are logged by the
+loop as it does them (``worker.detached``, ``worker.signalled``).
+
+The work is shared by three state machines, each the only code that changes its records:
 
 - ``Supervisor`` (here): the master, and the requests from outside (reload, stop, scale);
 - ``generations.Generations``: generations, and what worker events mean for them;

@@ -80,6 +80,10 @@ class WorkerLifecycle:
         out.append(act.Report(event=EventName.WORKER_READY, fields=fields))
         return True
 
+    def note_status(self, worker: Worker, status: str) -> None:
+        """The worker sent STATUS= (shown by ``handoff status``); no state changes."""
+        worker.status = status
+
     def stop(self, worker: Worker, out: list[act.Action], *, respawn_reason: str = "") -> None:
         """STARTING | READY -> SETTLING: first stop it accepting (from outside), then, after
         the settle, signal it. With respawn_reason, its slot is respawned once it exits."""

@@ -1,6 +1,6 @@
 """Reading HTTP/1.x responses off an asyncio stream, for the load generator.
 
-Tool layer (not part of the master). Just enough HTTP for counting failures precisely:
+Not part of the master. Just enough HTTP for counting failures precisely:
 the status line and headers, bodies framed by Content-Length, chunked encoding, or the end
 of the connection, interim 1xx responses, and whether the server will close the
 connection. An early end of the connection is its own exception, because where it

@@ -1,6 +1,6 @@
 """`handoff demo`: the built-in app under handoff, under load, reloaded live.
 
-Shell layer: runs a drill with handoff.demo.app as the command, changes the app's version
+Runs a drill with handoff.demo.app as the command, changes the app's version
 file before each reload (so every generation is a "new release"), and reports what a user
 wants to know: requests served, failures (zero), reload times, which generations answered.
 """

@@ -240,5 +240,5 @@ def default_control_path(environ: Mapping[str, str], uid: int, name: str) -> str
         return f"{environ['RUNTIME_DIRECTORY'].split(':')[0]}/handoff.sock"
     if environ.get("XDG_RUNTIME_DIR"):
         return f"{environ['XDG_RUNTIME_DIR']}/handoff/{name}.handoff.sock"
-    # A 0700 directory that must belong to the user (master.py checks).
+    # A 0700 directory that must belong to the user (master/serve.py checks).
     return f"/tmp/handoff-{uid}/{name}.handoff.sock"  # noqa: S108

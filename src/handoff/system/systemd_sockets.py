@@ -43,8 +43,15 @@ def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int
 
 
 def store_name(spec: BindSpec) -> str:
-    """The fd store name of a listener handoff bound itself (systemd: no ':', ≤ 255)."""
-    return fd_name(FDSTORE_PREFIX + spec.text)
+    """The fd store name of a listener handoff bound itself (systemd: no ':', ≤ 255).
+
+    Brackets become '_' here (unlike in LISTEN_FDNAMES), as they always have: a socket
+    stored by an earlier master must be found under the same name after an upgrade.
+    """
+    return fd_name(FDSTORE_PREFIX + spec.text.translate(_NO_BRACKETS))
+
+
+_NO_BRACKETS = str.maketrans("[]", "__")
 
 
 def resolve(specs: tuple[BindSpec, ...], passed: Mapping[str, int]) -> tuple[BindSpec, ...]:
