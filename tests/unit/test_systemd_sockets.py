@@ -168,6 +168,13 @@ def test_a_listen_pid_without_listen_fds_passes_nothing_and_is_removed() -> None
     assert environ == OTHER
 
 
+@pytest.mark.parametrize("count", ["²", "-1", " 1", "1.0"])
+def test_a_listen_fds_that_is_not_a_plain_number_passes_nothing(count: str) -> None:
+    environ = {**OTHER, "LISTEN_FDS": count, "LISTEN_PID": str(os.getpid())}
+    assert passed_sockets(environ, os.getpid()) == {}
+    assert environ == OTHER
+
+
 # -- store_name -----------------------------------------------------------------------------
 
 
@@ -178,6 +185,8 @@ def test_a_listen_pid_without_listen_fds_passes_nothing_and_is_removed() -> None
         (":8000", "handoff__8000"),
         ("localhost:80", "handoff_localhost_80"),
         ("unix:/run/app/web.sock", "handoff_unix_/run/app/web.sock"),
+        # Brackets become '_' as in every earlier release, so stored sockets are found again.
+        ("[::1]:8000", "handoff____1__8000"),
     ],
 )
 def test_the_store_name_is_the_prefix_and_the_bind_text_without_colons(

@@ -24,7 +24,7 @@ def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int
     count = environ.pop("LISTEN_FDS", "")
     listen_pid = environ.pop("LISTEN_PID", "")
     names = environ.pop("LISTEN_FDNAMES", "")
-    if not count.isdigit() or listen_pid != str(pid):
+    if not (count.isascii() and count.isdigit()) or listen_pid != str(pid):
         return {}
     listed = names.split(":") if names else []
     passed: dict[str, int] = {}
