@@ -120,6 +120,36 @@ def test_a_line_that_is_not_utf_8_is_refused_like_one_that_is_not_json(raw: byte
     assert refused.hint == EXAMPLE_HINT
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 5000,  # within the 64 KiB line limit
+        b'{"a":' * 5000,
+        b'{"v": 1, "cmd": "status", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}",
+    ],
+)
+def test_a_line_nested_too_deeply_is_refused_not_fatal(raw: bytes) -> None:
+    refused = refusal(raw)
+    assert refused.message == "the request is nested too deeply"
+    assert refused.hint == EXAMPLE_HINT
+
+
+def test_an_integer_past_the_digit_limit_is_refused_not_fatal() -> None:
+    refused = refusal(b'{"v": 1, "cmd": "status", "n": ' + b"9" * 60000 + b"}")
+    assert refused.message == NOT_AN_OBJECT
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"v": 1, "cmd": "status", "f": 1' + b"0" * 400 + b".5e999999}",  # inf
+        rb'{"v": 1, "cmd": "status", "s": "\ud800"}',  # a lone surrogate
+    ],
+)
+def test_huge_floats_and_lone_surrogates_in_other_fields_are_harmless(raw: bytes) -> None:
+    assert parse_request(raw).command.value == "status"
+
+
 @pytest.mark.parametrize("document", [["status"], "status", 1, 1.5, None, True, []])
 def test_json_that_is_not_an_object_is_refused_with_an_example(document: object) -> None:
     refused = refusal(line(document))

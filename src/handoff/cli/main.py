@@ -224,8 +224,8 @@ def run(
         ),
         control_group=control_group,
     )
-    configure(LogFormat(log_format), log_level)
-    code, reason = serve(run_config)
+    log = configure(LogFormat(log_format), log_level)
+    code, reason = serve(run_config, log)
     if code == EXIT_NEVER_READY:
         _report(
             f"the first generation never became ready: {reason}",

@@ -47,6 +47,10 @@ def parse_request(line: bytes) -> Request:
         data = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("the request is not a JSON object", hint=_EXAMPLE) from None
+    except RecursionError:
+        # '[' x 5000 fits in one line; the parser gives up at the interpreter's depth
+        # limit, which must be an answer to this client, never the master's end.
+        raise BadRequest("the request is nested too deeply", hint=_EXAMPLE) from None
     if not isinstance(data, dict):
         raise BadRequest("the request is not a JSON object", hint=_EXAMPLE)
     if data.get("v") != VERSION:

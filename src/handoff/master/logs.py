@@ -27,10 +27,16 @@ class LineWriter:
     and a worker's output can land in between: a JSON line then no longer parses, in
     journald or anywhere else. One write of up to PIPE_BUF (4096) bytes is atomic on a
     pipe, so lines stay whole.
+
+    Writing never raises: the log reader may be gone (EPIPE: ``| tee`` killed, a log
+    driver restarted), the disk full (ENOSPC), or a worker may have made the shared
+    stderr non-blocking (EAGAIN on a full pipe). The master must go on serving, so a line
+    it cannot write is dropped and counted (``handoff status`` shows ``log_lines_dropped``).
     """
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self.dropped = 0
         try:
             self._fd: int | None = stream.fileno()
         except (OSError, io.UnsupportedOperation):
@@ -38,20 +44,26 @@ class LineWriter:
 
     def msg(self, message: str) -> None:
         line = message + "\n"
-        if self._fd is None:
-            self._stream.write(line)
+        try:
+            if self._fd is None:
+                self._stream.write(line)
+                self._stream.flush()
+                return
             self._stream.flush()
-            return
-        self._stream.flush()
-        data = line.encode("utf-8", "replace")
-        while data:
-            data = data[os.write(self._fd, data) :]
+            data = line.encode("utf-8", "replace")
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except (OSError, ValueError):
+            # ValueError: the stream was closed under us.
+            self.dropped += 1
 
     debug = info = warning = error = critical = exception = msg
 
 
-def configure(fmt: LogFormat, level: str, stream: TextIO | None = None) -> None:
+def configure(fmt: LogFormat, level: str, stream: TextIO | None = None) -> LineWriter:
+    """Send log events to stream (stderr); return the writer, which counts dropped lines."""
     out = stream if stream is not None else sys.stderr
+    writer = LineWriter(out)
     if fmt is LogFormat.AUTO:
         fmt = LogFormat.CONSOLE if out.isatty() else LogFormat.JSON
     processors: list[structlog.typing.Processor] = [
@@ -65,9 +77,10 @@ def configure(fmt: LogFormat, level: str, stream: TextIO | None = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=lambda *_: LineWriter(out),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
+    return writer
 
 
 def emit(event: EventName, level: Level | str = Level.INFO, /, **fields: object) -> None:

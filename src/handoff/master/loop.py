@@ -26,7 +26,7 @@ from handoff.errors import EXIT_FAILURE
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
 from handoff.master.control_server import ControlServer, MasterView
-from handoff.master.logs import emit
+from handoff.master.logs import LineWriter, emit
 from handoff.master.probes import Probes
 from handoff.master.sources import Source, Sources, Wakeup, Watch
 from handoff.master.status import build_status
@@ -78,6 +78,7 @@ class MasterLoop:
         notify: NotifySource,
         warden: WardenHandle,
         environ: Mapping[str, str],
+        log: LineWriter | None = None,
     ) -> None:
         self._config = config
         self._listeners = listeners
@@ -85,6 +86,7 @@ class MasterLoop:
         self._inbox = inbox
         self._notify = notify
         self._warden = warden
+        self._log = log
         self._machine = Supervisor(Policy.from_config(config))
         self._sources = Sources()
         self._timers = Timers()
@@ -112,6 +114,7 @@ class MasterLoop:
             listeners=self._listeners,
             started_at=self._started_at,
             now=self._system.clock(),
+            log_lines_dropped=self._log.dropped if self._log is not None else 0,
         )
 
     # -- the loop -----------------------------------------------------------------------

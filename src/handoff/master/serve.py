@@ -16,7 +16,7 @@ from handoff.errors import HandoffError
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD, expand_placeholders
-from handoff.master.logs import emit
+from handoff.master.logs import LineWriter, emit
 from handoff.master.loop import MasterLoop
 from handoff.master.system import RealSystem
 from handoff.master.systemd import sync_fd_store
@@ -27,7 +27,7 @@ from handoff.system.warden import start_warden
 from handoff.system.worker_notify import NotifyServer
 
 
-def serve(run_config: RunConfig) -> tuple[int, str]:
+def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
     """Own the sockets and run the master loop until it exits; return (exit code, reason)."""
     passed = systemd_sockets.passed_sockets(os.environ, os.getpid())
     specs = systemd_sockets.resolve(run_config.binds, passed)
@@ -78,6 +78,7 @@ def serve(run_config: RunConfig) -> tuple[int, str]:
             notify=notify,
             warden=warden,
             environ=os.environ,
+            log=log,
         )
         try:
             code = loop.run()

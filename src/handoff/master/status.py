@@ -25,6 +25,7 @@ def build_status(
     listeners: Sequence[Listener],
     started_at: float,
     now: float,
+    log_lines_dropped: int = 0,
 ) -> dict[str, object]:
     ports = listening_ports(listeners)
     generations = []
@@ -62,6 +63,7 @@ def build_status(
             "name": config.name,
             "state": machine.state.value,
             "uptime_s": round(now - started_at, 1),
+            "log_lines_dropped": log_lines_dropped,
             "ready": config.ready.describe(),
             "workers": machine.workers_target,
             "command": list(config.command),

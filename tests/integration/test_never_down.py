@@ -1,0 +1,161 @@
+"""The master never takes the service down: faults from outside, under load.
+
+Each fault is injected while load runs. Afterwards the master is alive (same pid), the
+workers that were serving are still serving (same pids), no request failed, and a reload
+succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.control_harness import demo_app, request, status_of
+from tests.integration.harness import Load, running
+
+NESTED_LINES = (
+    b"[" * 5000 + b"\n",
+    b'{"a":' * 5000 + b"\n",
+    b'{"v": 1, "cmd": "reload", "x": ' + b"[" * 20000 + b"\n",
+)
+
+
+def serving_pids(control: Path) -> set[int]:
+    status = status_of(control)
+    return {
+        worker["pid"]
+        for gen in status["generations"]
+        if gen["state"] == "active"
+        for worker in gen["workers"]
+    }
+
+
+def reload_ok(control: Path) -> None:
+    replies = request(control, {"v": 1, "cmd": "reload", "wait": True}, timeout=60)
+    assert replies[-1]["type"] == "result", replies
+    assert replies[-1]["ok"] is True, replies
+
+
+@pytest.mark.timeout(120)
+def test_deeply_nested_control_requests_are_refused_and_nothing_else_happens(
+    tmp_path: Path,
+) -> None:
+    version = tmp_path / "version"
+    version.write_text("v1")
+    control = tmp_path / "ctl.sock"
+    with running(demo_app(version), args=["--workers", "2", "--control", str(control)]) as master:
+        master.wait_for("master.ready", 60)
+        port = int(master.wait_for("listener.bound")["port"])
+        master.wait_for("control.listening", 30)
+        before = serving_pids(control)
+        with Load(port) as load:
+            load.wait_for_requests(100)
+            for raw in NESTED_LINES:
+                replies = request(control, raw)
+                assert replies[-1]["type"] == "error", replies
+                assert replies[-1]["error"] == "the request is nested too deeply", replies
+            load.wait_for_requests(100)
+            assert master.process.poll() is None, "the master died"
+            assert serving_pids(control) == before, "a serving worker was replaced"
+            reload_ok(control)
+            load.wait_for_requests(100)
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert not master.named("master.crashed")
+
+
+@contextlib.contextmanager
+def master_logging_to_a_pipe(
+    tmp_path: Path, control: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A master whose stderr (shared with its workers) is a pipe this test reads, then drops."""
+    version = tmp_path / "version"
+    version.write_text("v1")
+    read_end, write_end = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    argv = [
+        sys.executable, "-m", "handoff", "run", "--log-format", "json", "--bind", "127.0.0.1:0",
+        "--workers", "2", "--control", str(control), "--", *demo_app(version),
+    ]  # fmt: skip
+    master = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=write_end,
+        stderr=write_end,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(write_end)
+    try:
+        yield master, read_end
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(read_end)
+        workers = []
+        with contextlib.suppress(psutil.Error):
+            workers = psutil.Process(master.pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master.pid, signal.SIGKILL)
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.pid, signal.SIGKILL)
+        master.wait(10)
+
+
+def read_events_until(fd: int, wanted: set[str], timeout: float) -> dict[str, dict[str, object]]:
+    """Read JSON log lines from fd until every wanted event was seen; the first of each."""
+    seen: dict[str, dict[str, object]] = {}
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while not wanted <= seen.keys():
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"saw only {sorted(seen)} of {sorted(wanted)}"
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            continue
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the log ended; saw {sorted(seen)}"
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    seen.setdefault(str(event.get("event")), event)
+    return seen
+
+
+@pytest.mark.timeout(120)
+def test_a_log_reader_that_goes_away_costs_log_lines_not_the_service(tmp_path: Path) -> None:
+    control = tmp_path / "ctl.sock"
+    with master_logging_to_a_pipe(tmp_path, control) as (master, log):
+        events = read_events_until(log, {"master.ready", "listener.bound", "control.listening"}, 60)
+        port = int(str(events["listener.bound"]["port"]))
+        before = serving_pids(control)
+        with Load(port) as load:
+            load.wait_for_requests(100)
+            os.close(log)  # `| tee` killed: the next line the master writes gets EPIPE
+            # The new workers share the broken stderr too: the demo app's start-up line
+            # kills it with SIGPIPE, so this reload fails, and the old generation serves on.
+            replies = request(control, {"v": 1, "cmd": "reload", "wait": True}, timeout=60)
+            assert replies[-1]["type"] == "result", replies
+            load.wait_for_requests(200)
+            assert master.poll() is None, "the master died"
+            status = status_of(control)
+            assert status["master"]["log_lines_dropped"] > 0
+            after = serving_pids(control)
+            assert after, "nothing serves"
+            assert after == before or after.isdisjoint(before), (before, after)
+            load.wait_for_requests(100)
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert master.poll() is None
