@@ -7,7 +7,11 @@ itself (core dumps are switched off, so SIGSEGV and SIGABRT end it the same way)
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +65,55 @@ def test_describe_decoded_statuses() -> None:
 def test_an_executable_that_cannot_run_is_a_spawn_error(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(children.SpawnError, match="cannot execute"):
         children.spawn(children.SpawnRequest(executable=os.fspath(tmp_path), argv=["x"], env={}))
+
+
+def test_a_child_gets_the_soft_fd_limit_it_is_given(tmp_path: Path) -> None:
+    out = tmp_path / "limit"
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 777)
+    child = children.spawn(
+        children.SpawnRequest(
+            executable="/bin/sh",
+            argv=["sh", "-c", f"ulimit -n > {out}"],
+            env={"PATH": os.defpath},
+            fd_soft_limit=wanted,
+        )
+    )
+    try:
+        assert children.wait(child, block=True) == ExitStatus(code=0)
+    finally:
+        child.close()
+
+    assert out.read_text().strip() == str(wanted)
+
+
+# Run in a fresh interpreter: the fd limit is lowered to just what is open, so the spawn's
+# pipe cannot be had; then the master's limit is raised again and restored for the child.
+_OUT_OF_FDS = """
+import os, resource, sys
+from handoff.system import children
+from handoff.errors import SpawnError
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))
+try:
+    children.spawn(children.SpawnRequest(executable="/bin/true", argv=["true"], env={}))
+except SpawnError as exc:
+    print("SpawnError:", exc.message)
+else:
+    print("spawned")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+old = children.raise_fd_limit()
+print("raised", old, resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)
+"""
+
+
+def test_out_of_file_descriptors_is_a_spawn_error_and_the_limit_is_raised() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_FDS], capture_output=True, text=True, timeout=30, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "SpawnError: cannot start a process: pipe2: Too many open files (EMFILE)"
+    assert lines[1] == "raised 64 True"

@@ -79,6 +79,7 @@ class MasterLoop:
         warden: WardenHandle,
         environ: Mapping[str, str],
         log: LineWriter | None = None,
+        worker_fd_limit: int | None = None,
     ) -> None:
         self._config = config
         self._listeners = listeners
@@ -90,8 +91,12 @@ class MasterLoop:
         self._machine = Supervisor(Policy.from_config(config))
         self._sources = Sources()
         self._timers = Timers()
-        self._workers = WorkerTable(system, self._sources, config, listeners, environ)
-        self._probes = Probes(system, self._sources, config.ready, listeners, environ)
+        self._workers = WorkerTable(
+            system, self._sources, config, listeners, environ, fd_limit=worker_fd_limit
+        )
+        self._probes = Probes(
+            system, self._sources, config.ready, listeners, environ, fd_limit=worker_fd_limit
+        )
         self._started_at = system.clock()
         self._systemd = SystemdGlue(environ, self._machine, self._started_at)
         self._control: ControlServer | None = None

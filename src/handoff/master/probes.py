@@ -43,8 +43,11 @@ class Probes:
         ready: ReadySpec,
         listeners: Sequence[Listener],
         environ: Mapping[str, str],
+        *,
+        fd_limit: int | None = None,
     ) -> None:
         self._system = system
+        self._fd_limit = fd_limit
         self._sources = sources
         self._ready = ready
         self._environ = dict(environ)
@@ -67,7 +70,12 @@ class Probes:
         )
         try:
             child = self._system.spawn(
-                SpawnRequest(executable="/bin/sh", argv=["sh", "-c", self._ready.command], env=env)
+                SpawnRequest(
+                    executable="/bin/sh",
+                    argv=["sh", "-c", self._ready.command],
+                    env=env,
+                    fd_soft_limit=self._fd_limit,
+                )
             )
         except SpawnError as exc:
             return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)

@@ -33,6 +33,7 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
     specs = systemd_sockets.resolve(run_config.binds, passed)
     expand_placeholders(run_config.command, len(specs))  # validate {fdN} early
     children.check_platform()
+    worker_fd_limit = children.raise_fd_limit()
     # The warden is forked before any socket exists, so it never holds the port.
     if run_config.control_path is not None:
         _prepare_control_directory(run_config.control_path)
@@ -79,6 +80,7 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
             warden=warden,
             environ=os.environ,
             log=log,
+            worker_fd_limit=worker_fd_limit,
         )
         try:
             code = loop.run()

@@ -38,8 +38,11 @@ class WorkerTable:
         config: RunConfig,
         listeners: Sequence[Listener],
         environ: Mapping[str, str],
+        *,
+        fd_limit: int | None = None,
     ) -> None:
         self._system = system
+        self._fd_limit = fd_limit
         self._sources = sources
         self._config = config
         self._listeners = listeners
@@ -74,6 +77,7 @@ class WorkerTable:
                     env=env,
                     listen_fds=[listener.fileno() for listener in self._listeners],
                     set_listen_pid=listen_fds,
+                    fd_soft_limit=self._fd_limit,
                 )
             )
         except SpawnError as exc:

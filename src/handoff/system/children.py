@@ -41,6 +41,9 @@ class SpawnRequest:
     listen_fds: Sequence[int] = ()
     set_listen_pid: bool = False
     die_with_parent: bool = True
+    # The soft RLIMIT_NOFILE the child gets back (the master raised its own; a worker
+    # that uses select() needs fds below 1024). None: keep the master's.
+    fd_soft_limit: int | None = None
 
 
 @dataclass(slots=True)
@@ -75,16 +78,38 @@ def become_subreaper() -> None:
 
 
 def spawn(request: SpawnRequest) -> Child:
-    """Start a child in its own session; raise SpawnError if exec fails."""
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    """Start a child in its own session; raise SpawnError if it cannot be started.
+
+    Every failure is a SpawnError, the kernel refusing a resource (EMFILE, EAGAIN,
+    ENOMEM) included: a worker that cannot start is a failed worker, never a failed master.
+    """
+    try:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    except OSError as exc:
+        raise _refused("pipe2", exc) from None
     parent = os.getpid()
-    with signals.blocked():
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child; its only way out is exec or _exit
-            os.close(read_end)
-            _exec_child(request, write_end, parent)
+    try:
+        with signals.blocked():
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child; its only way out is exec or _exit
+                os.close(read_end)
+                _exec_child(request, write_end, parent)
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        raise _refused("fork", exc) from None
     os.close(write_end)
-    pidfd = os.pidfd_open(pid)  # the child cannot be reaped before we wait: no race
+    try:
+        pidfd = os.pidfd_open(pid)  # the child cannot be reaped before we wait: no race
+    except OSError as exc:
+        # It exists, but cannot be watched: take it back by pid (not reaped yet, so the
+        # pid is still this child's).
+        os.close(read_end)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise _refused("pidfd_open", exc) from None
     try:
         data = _read_all(read_end)
     finally:
@@ -96,6 +121,29 @@ def spawn(request: SpawnRequest) -> Child:
         (code,) = struct.unpack("i", data[:4])
         raise SpawnError(f"cannot execute '{request.executable}': {os.strerror(code)}")
     return child
+
+
+def _refused(call: str, exc: OSError) -> SpawnError:
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return SpawnError(
+        f"cannot start a process: {call}: {os.strerror(exc.errno or errno.EIO)} ({name})",
+        hint="the master is out of file descriptors, processes or memory: see "
+        "LimitNOFILE=, TasksMax= or the container's limits",
+    )
+
+
+def raise_fd_limit() -> int:
+    """Raise the master's soft RLIMIT_NOFILE to its hard limit; return the old soft limit.
+
+    Each worker costs the master a pidfd (two per slot during a reload), on top of its
+    control clients: systemd's default soft limit of 1024 runs out near 500 workers.
+    Workers get the old soft limit back (``SpawnRequest.fd_soft_limit``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft
 
 
 def _read_all(fd: int) -> bytes:
@@ -124,6 +172,9 @@ def _exec_child(request: SpawnRequest, error_pipe: int, parent: int) -> None:  #
             os.dup2(fd, FIRST_LISTEN_FD + index, inheritable=True)
         os.closerange(top, error_pipe)
         os.closerange(error_pipe + 1, _fd_limit())
+        if request.fd_soft_limit is not None:
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (request.fd_soft_limit, hard))
         env = dict(request.env)
         if request.set_listen_pid:
             env["LISTEN_PID"] = str(os.getpid())
