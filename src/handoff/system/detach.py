@@ -101,33 +101,47 @@ def _remove(pid: Pid, epfd: int, targets: list[EpollTarget], listeners: Mapping[
 def _placed(targets: list[EpollTarget], listeners: Mapping[int, int]):  # type: ignore[no-untyped-def]
     """Put a copy of each target's listening socket on the target's fd number, then restore.
 
-    Sources are copied to scratch fds first, and whatever the master had on a target
-    number is saved, so no swap can overwrite another's source.
+    Whatever the master has on a target number is saved first, then the sources are
+    copied to scratch fds, and only then is anything swapped: if the kernel refuses an fd
+    (EMFILE) on the way, nothing of the master's has been touched. Only EBADF means a
+    number is free in the master; any other error aborts the placement (the caller falls
+    back to the stop signal alone).
     """
     # Scratch copies go above every target number, so no swap lands on one of them (and
-    # not at a fixed high number: F_DUPFD fails above the soft RLIMIT_NOFILE, 1024 under
-    # systemd by default).
+    # not at a fixed high number: F_DUPFD fails above the soft RLIMIT_NOFILE).
     base = max(t.fd for t in targets) + 1
-    sources = {t.fd: fcntl.fcntl(listeners[t.inode], fcntl.F_DUPFD_CLOEXEC, base) for t in targets}
+    numbers = sorted({t.fd for t in targets})
     saved: dict[int, tuple[int, bool]] = {}
+    sources: dict[int, int] = {}
+    placed: list[int] = []
     try:
-        for number in sources:
-            with contextlib.suppress(OSError):  # EBADF: the number is free in the master
+        for number in numbers:
+            try:
                 saved[number] = (
                     fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, base),
                     os.get_inheritable(number),
                 )
-        for number, source in sources.items():
-            os.dup2(source, number, inheritable=False)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+        for target in targets:
+            if target.fd not in sources:
+                sources[target.fd] = fcntl.fcntl(
+                    listeners[target.inode], fcntl.F_DUPFD_CLOEXEC, base
+                )
+        for number in numbers:
+            os.dup2(sources[number], number, inheritable=False)
+            placed.append(number)
         yield
     finally:
-        for number in sources:
+        for number in placed:
             if number in saved:
                 copy, inheritable = saved[number]
                 os.dup2(copy, number, inheritable=inheritable)
-                os.close(copy)
             else:
                 os.close(number)
+        for copy, _ in saved.values():
+            os.close(copy)
         for source in sources.values():
             os.close(source)
 
