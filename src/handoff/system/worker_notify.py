@@ -3,8 +3,12 @@
 An abstract unix datagram socket (no file to clean up) with
 SO_PASSCRED, so the kernel stamps every datagram with the sender's pid; the loop maps that
 pid to a worker through the process tree (gunicorn notifies from its arbiter, which is the
-worker, but other servers notify from a child). Abstract sockets have no permissions, so
-the pid check is what keeps strangers from declaring a worker ready.
+worker, but other servers notify from a child). Abstract sockets have no permissions and
+their names are listed in /proc/net/unix, so anyone may send: the pid check keeps
+strangers from declaring a worker ready, the uid check drops other users' datagrams
+before any /proc lookup, and each read takes a bounded batch, so a flood can neither pin
+the loop nor grow the master's memory (the rest waits in the kernel's queue for the next
+turn).
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ from handoff.formats.worker_contract import parse_notify
 from handoff.system.sockets import UCRED
 
 _MAX_DATAGRAM: Final = 4096
+BATCH: Final = 256  # datagrams handled per loop turn
 
 
 class NotifyServer:
-    def __init__(self) -> None:
+    def __init__(self, senders: frozenset[int] | None = None, batch: int = BATCH) -> None:
+        """senders: the uids whose datagrams count (default: the master's own, and root)."""
+        self._senders = senders if senders is not None else frozenset({os.geteuid(), 0})
+        self._batch = batch
+        self.dropped = 0  # datagrams from other users, or without credentials
         self._sock = socket.socket(
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )
@@ -37,19 +46,30 @@ class NotifyServer:
         return self._sock.fileno()
 
     def receive(self) -> list[tuple[Pid, dict[str, str]]]:
-        """Every datagram waiting, as (sender pid, fields); unstamped ones are dropped."""
+        """Up to BATCH waiting datagrams, as (sender pid, fields), from allowed users."""
         messages: list[tuple[Pid, dict[str, str]]] = []
-        while True:
+        for _ in range(self._batch):
             try:
                 data, ancillary, _, _ = self._sock.recvmsg(
                     _MAX_DATAGRAM, socket.CMSG_SPACE(UCRED.size)
                 )
-            except BlockingIOError:
-                return messages
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid, _, _ = UCRED.unpack(payload[: UCRED.size])
-                    messages.append((Pid(pid), parse_notify(data)))
+            except (BlockingIOError, InterruptedError):
+                break
+            sender = _credentials(ancillary)
+            if sender is None or sender[1] not in self._senders:
+                self.dropped += 1
+                continue
+            messages.append((Pid(sender[0]), parse_notify(data)))
+        return messages
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _credentials(ancillary: list[tuple[int, int, bytes]]) -> tuple[int, int] | None:
+    """(pid, uid) the kernel stamped on a datagram (SO_PASSCRED), if it did."""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid, uid, _ = UCRED.unpack(payload[: UCRED.size])
+            return pid, uid
+    return None
