@@ -173,6 +173,7 @@ class FakeNotify(PipeSource):
     """The workers' notify socket: datagrams the test sends, with the sender's pid."""
 
     address = "@handoff/test"
+    dropped = 0
 
     def __init__(self) -> None:
         super().__init__()

@@ -262,3 +262,14 @@ def test_an_internal_error_sweeps_every_worker_before_it_propagates(make_rig: Ma
     assert "kill_strays" in rig.system.names()
     assert rig.loop.exit is not None
     assert rig.loop.exit.code == EXIT_FAILURE
+
+
+def test_status_counts_what_the_master_dropped(make_rig: MakeRig) -> None:
+    rig = make_rig(workers=1)
+    rig.notify.dropped = 3
+
+    master = rig.loop.status()["master"]
+
+    assert isinstance(master, dict)
+    assert master["notify_datagrams_dropped"] == 3
+    assert master["log_lines_dropped"] == 0

@@ -50,6 +50,11 @@ class NotifySource(Protocol):
     @property
     def address(self) -> str: ...
 
+    @property
+    def dropped(self) -> int:
+        """Datagrams refused (another user's, or without credentials)."""
+        ...
+
     def fileno(self) -> int: ...
 
     def receive(self) -> list[tuple[Pid, dict[str, str]]]: ...
@@ -120,6 +125,7 @@ class MasterLoop:
             started_at=self._started_at,
             now=self._system.clock(),
             log_lines_dropped=self._log.dropped if self._log is not None else 0,
+            notify_datagrams_dropped=self._notify.dropped,
         )
 
     # -- the loop -----------------------------------------------------------------------

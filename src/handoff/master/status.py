@@ -26,6 +26,7 @@ def build_status(
     started_at: float,
     now: float,
     log_lines_dropped: int = 0,
+    notify_datagrams_dropped: int = 0,
 ) -> dict[str, object]:
     ports = listening_ports(listeners)
     generations = []
@@ -64,6 +65,7 @@ def build_status(
             "state": machine.state.value,
             "uptime_s": round(now - started_at, 1),
             "log_lines_dropped": log_lines_dropped,
+            "notify_datagrams_dropped": notify_datagrams_dropped,
             "ready": config.ready.describe(),
             "workers": machine.workers_target,
             "command": list(config.command),
