@@ -19,13 +19,14 @@ from handoff.core.model import ExitStatus
 from handoff.system import children
 
 
-def run(script: str) -> ExitStatus:
+def run(script: str, *, fd_soft_limit: int | None = None) -> ExitStatus:
     child = children.spawn(
         children.SpawnRequest(
             executable="/bin/sh",
             argv=["sh", "-c", f"ulimit -c 0; {script}"],
             env={"PATH": os.defpath},
             die_with_parent=True,
+            fd_soft_limit=fd_soft_limit,
         )
     )
     try:
@@ -71,19 +72,8 @@ def test_a_child_gets_the_soft_fd_limit_it_is_given(tmp_path: Path) -> None:
     out = tmp_path / "limit"
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, 777)
-    child = children.spawn(
-        children.SpawnRequest(
-            executable="/bin/sh",
-            argv=["sh", "-c", f"ulimit -n > {out}"],
-            env={"PATH": os.defpath},
-            fd_soft_limit=wanted,
-        )
-    )
-    try:
-        assert children.wait(child, block=True) == ExitStatus(code=0)
-    finally:
-        child.close()
 
+    assert run(f"ulimit -n > {out}", fd_soft_limit=wanted) == ExitStatus(code=0)
     assert out.read_text().strip() == str(wanted)
 
 
