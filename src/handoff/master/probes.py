@@ -22,6 +22,7 @@ from handoff.formats.worker_contract import clean_environment
 from handoff.master.logs import emit
 from handoff.master.sources import Source, Sources, Watch
 from handoff.master.system import System
+from handoff.master.workers import reap_watched, sweep
 from handoff.system.accepting_scan import ProcUnreadable
 from handoff.system.children import Child, SpawnRequest
 from handoff.system.sockets import Listener
@@ -110,13 +111,10 @@ class Probes:
     def on_exit(self, worker: Pid) -> ev.ProbeFinished | None:
         """A probe's pidfd is readable: reap it; its exit status answers (unless cancelled)."""
         probe = self._running[worker]
-        self._system.kill_group(probe.child.pid)
-        status = self._system.reap(probe.child)
+        status = reap_watched(self._system, self._sources, probe.child)
         if status is None:
             return None
         del self._running[worker]
-        self._sources.unwatch(probe.child.pidfd)
-        probe.child.close()
         if probe.cancelled:
             return None
         return ev.ProbeFinished(pid=worker, ok=status.success, detail=status.describe())
@@ -124,10 +122,7 @@ class Probes:
     def kill_all(self) -> None:
         """At shutdown: kill and reap every probe still running."""
         for probe in self._running.values():
-            self._system.kill_tree(probe.child.pid)
-            self._system.reap(probe.child, block=True)
-            self._sources.unwatch(probe.child.pidfd)
-            probe.child.close()
+            sweep(self._system, self._sources, probe.child)
         self._running.clear()
 
     def detach(self, pid: Pid, machine: Supervisor) -> None:

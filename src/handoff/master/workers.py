@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 
 from handoff.core import events as ev
-from handoff.core.model import GenId, Pid
+from handoff.core.model import ExitStatus, GenId, Pid
 from handoff.errors import SpawnError
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import (
@@ -89,11 +89,7 @@ class WorkerTable:
 
     def on_exit(self, pid: Pid) -> ev.ChildExited | None:
         """The worker's pidfd is readable: clear its group, reap and forget it."""
-        child = self._children[pid]
-        # The leader is a zombie until waited for, so its pid (the group id) cannot be
-        # recycled yet: whatever is left in its group dies with it.
-        self._system.kill_group(pid)
-        status = self._system.reap(child)
+        status = reap_watched(self._system, self._sources, self._children[pid])
         if status is None:
             return None
         self._forget(pid)
@@ -102,15 +98,35 @@ class WorkerTable:
     def kill_all(self) -> None:
         """At shutdown after an internal error: kill and reap every worker still here."""
         for pid, child in list(self._children.items()):
-            self._system.kill_tree(pid)
-            self._system.reap(child, block=True)
+            sweep(self._system, self._sources, child)
             self._forget(pid)
 
     def _forget(self, pid: Pid) -> None:
-        child = self._children.pop(pid)
-        self._sources.unwatch(child.pidfd)
-        child.close()
+        del self._children[pid]
         self._system.guard(pid, guarded=False)
+
+
+def reap_watched(system: System, sources: Sources, child: Child) -> ExitStatus | None:
+    """A watched child's pidfd is readable: kill what is left of its process group, reap
+    it, stop watching it. None if it has not exited after all.
+
+    The leader is a zombie until waited for, so its pid (the group id) cannot be recycled
+    yet: whatever is left in its group dies with it.
+    """
+    system.kill_group(child.pid)
+    status = system.reap(child)
+    if status is not None:
+        sources.unwatch(child.pidfd)
+        child.close()
+    return status
+
+
+def sweep(system: System, sources: Sources, child: Child) -> None:
+    """At shutdown: kill the child's whole tree, wait for it, stop watching it."""
+    system.kill_tree(child.pid)
+    system.reap(child, block=True)
+    sources.unwatch(child.pidfd)
+    child.close()
 
 
 def _resolve(command: str, environ: Mapping[str, str]) -> str:
