@@ -76,6 +76,11 @@ class Report:
     fields: dict[str, object] = field(default_factory=dict)
 
 
+def report(event: EventName, level: Level = Level.INFO, /, **fields: object) -> Report:
+    """A ``Report``, written like the ``logs.emit`` call the loop turns it into."""
+    return Report(event=event, level=level, fields=fields)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Exit:
     code: int

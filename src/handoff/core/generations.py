@@ -79,7 +79,7 @@ class Generations:
         gen = Generation(id=self.next_id, state=GenerationState.STARTING, size=size, started_at=now)
         self.next_id = GenId(self.next_id + 1)
         self.by_id[gen.id] = gen
-        out.append(_report(EventName.GENERATION_STARTED, gen=gen.id, workers=gen.size))
+        out.append(act.report(EventName.GENERATION_STARTED, gen=gen.id, workers=gen.size))
         for slot in range(gen.size):
             self._spawn(gen, slot, out)
         return gen
@@ -93,7 +93,9 @@ class Generations:
         gen.state = GenerationState.ACTIVE
         duration = round(now - gen.started_at, 4)
         out.append(
-            _report(EventName.GENERATION_ACTIVE, gen=gen.id, workers=gen.size, duration_s=duration)
+            act.report(
+                EventName.GENERATION_ACTIVE, gen=gen.id, workers=gen.size, duration_s=duration
+            )
         )
         if previous is not None:
             self.drain(previous, "replaced", signal_name, out)
@@ -105,7 +107,7 @@ class Generations:
         connections). The caller calls ``check_gone`` once it has acted on the failure."""
         _require(gen, GenerationState.STARTING)
         gen.state = GenerationState.FAILED
-        out.append(_report(EventName.GENERATION_FAILED, Level.ERROR, gen=gen.id, reason=reason))
+        out.append(act.report(EventName.GENERATION_FAILED, Level.ERROR, gen=gen.id, reason=reason))
         for worker in gen.live_workers():
             self.workers.stop(worker, out)
 
@@ -115,7 +117,7 @@ class Generations:
         gen.state = GenerationState.DRAINING
         self._respawns.cancel(gen.id, out)
         out.append(
-            _report(EventName.GENERATION_DRAINING, gen=gen.id, reason=why, signal=signal_name)
+            act.report(EventName.GENERATION_DRAINING, gen=gen.id, reason=why, signal=signal_name)
         )
         for worker in gen.live_workers():
             self.workers.stop(worker, out)
@@ -130,13 +132,13 @@ class Generations:
         gen.state = GenerationState.GONE
         del self.by_id[gen.id]
         self._respawns.forget(gen.id)
-        out.append(_report(EventName.GENERATION_GONE, gen=gen.id))
+        out.append(act.report(EventName.GENERATION_GONE, gen=gen.id))
 
     def resize(self, gen: Generation, target: int, out: list[act.Action]) -> None:
         """Bring a serving generation to target: spawn new slots, retire the highest."""
         old = gen.size
         gen.size = target
-        out.append(_report(EventName.GENERATION_RESIZED, gen=gen.id, workers=target, was=old))
+        out.append(act.report(EventName.GENERATION_RESIZED, gen=gen.id, workers=target, was=old))
         for slot in range(old, target):
             if slot not in gen.spawning:
                 self._spawn(gen, slot, out)
@@ -166,7 +168,7 @@ class Generations:
         gen = self.by_id[gen_id]
         gen.spawning.discard(slot)
         out.append(
-            _report(
+            act.report(
                 EventName.WORKER_SPAWN_FAILED, Level.ERROR, gen=gen.id, worker=slot, reason=reason
             )
         )
@@ -286,7 +288,9 @@ class Generations:
         timeout = self._policy.ready_timeout_s
         reason = f"worker {worker.slot} (pid {worker.pid}) not ready after {timeout:g} s"
         out.append(
-            _report(EventName.WORKER_NOT_READY, Level.ERROR, **worker_fields(worker), reason=reason)
+            act.report(
+                EventName.WORKER_NOT_READY, Level.ERROR, **worker_fields(worker), reason=reason
+            )
         )
         if gen.state is GenerationState.STARTING:
             return Failing(gen, reason)
@@ -294,11 +298,6 @@ class Generations:
         # once it has exited, so that a slot never has two workers.
         self.workers.stop(worker, out, respawn_reason=reason)
         return None
-
-
-def _report(event: EventName, level: Level = Level.INFO, /, **fields: object) -> act.Report:
-    """A ``Report``, written like the ``logs.emit`` call the loop turns it into."""
-    return act.Report(event=event, level=level, fields=fields)
 
 
 def _require(gen: Generation, *allowed: GenerationState) -> None:

@@ -45,11 +45,6 @@ from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 __all__ = ["InvalidTransition", "Supervisor"]
 
 
-def _report(event: EventName, level: Level = Level.INFO, /, **fields: object) -> act.Report:
-    """A ``Report``, written like the ``logs.emit`` call the loop turns it into."""
-    return act.Report(event=event, level=level, fields=fields)
-
-
 class Supervisor:
     """Decides what to do next from what happened; see the module docstring."""
 
@@ -103,7 +98,7 @@ class Supervisor:
                 self._on_scale(source, workers, delta, out)
             case ev.ForwardRequested(signal=sig):
                 out.extend(act.SendSignal(pid=w.pid, signal=sig) for w in gens.workers.live())
-                out.append(_report(EventName.SIGNAL_FORWARDED, signal=sig.name))
+                out.append(act.report(EventName.SIGNAL_FORWARDED, signal=sig.name))
             case ev.WorkerSpawned(gen=gen_id, slot=slot, pid=pid):
                 gens.spawned(gen_id, slot, pid, now, out)
             case ev.SpawnFailed(gen=gen_id, slot=slot, reason=reason):
@@ -141,7 +136,7 @@ class Supervisor:
         self._gens.activate(gen, self.workers_target, self._stop_signal_name(), now, out)
         if self.state is MasterState.STARTING:
             self.state = MasterState.RUNNING
-            out.append(_report(EventName.MASTER_READY, gen=gen.id))
+            out.append(act.report(EventName.MASTER_READY, gen=gen.id))
             self._run_pending_reload(now, out)
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=True, reason="", now=now, out=out)
@@ -149,7 +144,7 @@ class Supervisor:
     def _fail(self, gen: Generation, reason: str, now: float, out: list[act.Action]) -> None:
         self._gens.fail(gen, reason, out)
         if self.state is MasterState.STARTING:
-            out.append(_report(EventName.MASTER_NEVER_READY, Level.ERROR, reason=reason))
+            out.append(act.report(EventName.MASTER_NEVER_READY, Level.ERROR, reason=reason))
             self._begin_stop(fast=False, now=now, out=out, code=EXIT_NEVER_READY, reason=reason)
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=False, reason=reason, now=now, out=out)
@@ -160,14 +155,14 @@ class Supervisor:
     ) -> None:
         if self.state is MasterState.STOPPING:
             out.append(
-                _report(EventName.SCALE_REFUSED, Level.WARNING, source=source, reason="stopping")
+                act.report(EventName.SCALE_REFUSED, Level.WARNING, source=source, reason="stopping")
             )
             return
         was = self.workers_target
         wanted = workers if workers is not None else was + delta
         self.workers_target = max(MIN_WORKERS, min(MAX_WORKERS, wanted))
         out.append(
-            _report(EventName.MASTER_SCALED, workers=self.workers_target, was=was, source=source)
+            act.report(EventName.MASTER_SCALED, workers=self.workers_target, was=was, source=source)
         )
         active = self.generation_in(GenerationState.ACTIVE)
         if active is not None:
@@ -182,16 +177,16 @@ class Supervisor:
                 self.state = MasterState.RELOADING
                 self._reload_started_at = now
                 gen = self._gens.next_id
-                out.append(_report(EventName.RELOAD_REQUESTED, source=source, gen=gen))
+                out.append(act.report(EventName.RELOAD_REQUESTED, source=source, gen=gen))
                 self._gens.start(self.workers_target, now, out)
             case MasterState.STARTING | MasterState.RELOADING:
                 # Requests during a start coalesce: one pending reload, run when it ends.
                 already = self._reload_pending
                 self._reload_pending = True
-                out.append(_report(EventName.RELOAD_QUEUED, source=source, coalesced=already))
+                out.append(act.report(EventName.RELOAD_QUEUED, source=source, coalesced=already))
             case MasterState.STOPPING:
                 out.append(
-                    _report(
+                    act.report(
                         EventName.RELOAD_REFUSED, Level.WARNING, source=source, reason="stopping"
                     )
                 )
@@ -207,10 +202,10 @@ class Supervisor:
         duration = round(now - self._reload_started_at, 4)
         self.last_reload = ReloadOutcome(gen=gen.id, ok=ok, reason=reason, duration_s=duration)
         if ok:
-            out.append(_report(EventName.RELOAD_SUCCEEDED, gen=gen.id, duration_s=duration))
+            out.append(act.report(EventName.RELOAD_SUCCEEDED, gen=gen.id, duration_s=duration))
         else:
             out.append(
-                _report(
+                act.report(
                     EventName.RELOAD_FAILED,
                     Level.ERROR,
                     gen=gen.id,
@@ -232,7 +227,7 @@ class Supervisor:
             # A second Ctrl-C (or QUIT) means: stop waiting for the drain.
             if (fast or source == "SIGINT") and not self._fast_stop:
                 self._fast_stop = True
-                out.append(_report(EventName.MASTER_STOPPING, fast=True, source=source))
+                out.append(act.report(EventName.MASTER_STOPPING, fast=True, source=source))
                 self._kill_all(out)
             return
         self._begin_stop(
@@ -252,7 +247,7 @@ class Supervisor:
         self.state = MasterState.STOPPING
         self._fast_stop = fast
         self._exit = act.Exit(code=code, reason=reason)
-        out.append(_report(EventName.MASTER_STOPPING, fast=fast, reason=reason))
+        out.append(act.report(EventName.MASTER_STOPPING, fast=fast, reason=reason))
         for gen in list(self.generations.values()):
             if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
                 self._gens.drain(gen, "stopping", self._stop_signal_name(), out)

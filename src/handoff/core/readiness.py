@@ -79,11 +79,7 @@ class Readiness:
         out.append(act.StartTimer(key=TimerKey(TimerKind.PROBE_RETRY, pid), delay_s=delay))
         if detail:
             out.append(
-                act.Report(
-                    event=EventName.WORKER_PROBE_FAILED,
-                    level=Level.DEBUG,
-                    fields={"pid": pid, "detail": detail},
-                )
+                act.report(EventName.WORKER_PROBE_FAILED, Level.DEBUG, pid=pid, detail=detail)
             )
         return False
 

@@ -52,18 +52,14 @@ class Respawns:
         out.append(act.StartTimer(key=respawn_key(gen, slot), delay_s=delay))
         crash_loop = crashes >= policy.crash_loop_after
         out.append(
-            act.Report(
-                event=EventName.WORKER_CRASH_LOOP
-                if crash_loop
-                else EventName.WORKER_RESPAWN_SCHEDULED,
-                level=Level.ERROR if crash_loop else Level.WARNING,
-                fields={
-                    "gen": gen,
-                    "worker": slot,
-                    "reason": reason,
-                    "crashes": crashes,
-                    "delay_s": delay,
-                },
+            act.report(
+                EventName.WORKER_CRASH_LOOP if crash_loop else EventName.WORKER_RESPAWN_SCHEDULED,
+                Level.ERROR if crash_loop else Level.WARNING,
+                gen=gen,
+                worker=slot,
+                reason=reason,
+                crashes=crashes,
+                delay_s=delay,
             )
         )
 

@@ -58,7 +58,7 @@ class WorkerLifecycle:
         """A new worker: STARTING (the caller starts its readiness watch, or stops it)."""
         worker = Worker(gen=gen, slot=slot, pid=pid, state=WorkerState.STARTING, started_at=now)
         self._workers[pid] = worker
-        out.append(act.Report(event=EventName.WORKER_SPAWNED, fields=worker_fields(worker)))
+        out.append(act.report(EventName.WORKER_SPAWNED, **worker_fields(worker)))
         return worker
 
     def ready(
@@ -77,7 +77,7 @@ class WorkerLifecycle:
         }
         if detail:
             fields["detail"] = detail
-        out.append(act.Report(event=EventName.WORKER_READY, fields=fields))
+        out.append(act.report(EventName.WORKER_READY, **fields))
         return True
 
     def note_status(self, worker: Worker, status: str) -> None:
@@ -116,10 +116,8 @@ class WorkerLifecycle:
         self._readiness.forget(worker, out)
         out.append(act.KillTree(pid=worker.pid))
         out.append(
-            act.Report(
-                event=EventName.WORKER_KILLED,
-                level=Level.WARNING,
-                fields={**worker_fields(worker), "reason": reason},
+            act.report(
+                EventName.WORKER_KILLED, Level.WARNING, **worker_fields(worker), reason=reason
             )
         )
 
@@ -137,16 +135,14 @@ class WorkerLifecycle:
         expected = was.stopping and not worker.respawn_reason
         description = status.describe(killed_by_us=was is WorkerState.KILLED)
         out.append(
-            act.Report(
-                event=EventName.WORKER_EXITED,
-                level=Level.INFO if expected else Level.WARNING,
-                fields={
-                    **worker_fields(worker),
-                    "status": description,
-                    "expected": expected,
-                    "uptime_s": round(now - worker.started_at, 4),
-                    **status.as_fields(),
-                },
+            act.report(
+                EventName.WORKER_EXITED,
+                Level.INFO if expected else Level.WARNING,
+                **worker_fields(worker),
+                status=description,
+                expected=expected,
+                uptime_s=round(now - worker.started_at, 4),
+                **status.as_fields(),
             )
         )
         if worker.respawn_reason:

@@ -57,7 +57,7 @@ def parse_bind(text: str) -> BindSpec:
         return BindSpec(kind=BindKind.UNIX, text=text, path=path)
     if text.startswith("fd:"):
         number = text.removeprefix("fd:")
-        if _is_decimal(number):
+        if is_decimal(number):
             return BindSpec(kind=BindKind.FD, text=text, fd=int(number))
         if not _NAME.fullmatch(number):
             raise ConfigError(
@@ -66,7 +66,7 @@ def parse_bind(text: str) -> BindSpec:
             )
         return BindSpec(kind=BindKind.FD, text=text, name=number)
     host, port_text = _split_host_port(text)
-    if not _is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
+    if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"'{text}': port must be an integer 0-65535 (forms: {BIND_FORMS})")
     return BindSpec(kind=BindKind.TCP, text=text, host=host, port=int(port_text))
 
@@ -103,7 +103,7 @@ def _split_host_port(text: str) -> tuple[str, str]:
 _NAME: Final = re.compile(r"[A-Za-z_][!-9;-~]{0,254}")
 
 
-def _is_decimal(text: str) -> bool:
+def is_decimal(text: str) -> bool:
     """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
     return text.isascii() and text.isdigit()
 
@@ -111,7 +111,7 @@ def _is_decimal(text: str) -> bool:
 def parse_signal(text: str) -> signal.Signals:
     """Parse a signal name (TERM, SIGTERM, sigterm) or number."""
     candidate = text.strip().upper()
-    if _is_decimal(candidate):
+    if is_decimal(candidate):
         try:
             sig = signal.Signals(int(candidate))
         except ValueError:

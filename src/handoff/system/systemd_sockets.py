@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping, MutableMapping
 
 from handoff.errors import ConfigError
-from handoff.formats.options import DEFAULT_BIND, BindKind, BindSpec, parse_bind
+from handoff.formats.options import DEFAULT_BIND, BindKind, BindSpec, is_decimal, parse_bind
 from handoff.formats.worker_contract import FDSTORE_PREFIX, FIRST_LISTEN_FD, fd_name
 
 
@@ -24,7 +24,7 @@ def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int
     count = environ.pop("LISTEN_FDS", "")
     listen_pid = environ.pop("LISTEN_PID", "")
     names = environ.pop("LISTEN_FDNAMES", "")
-    if not (count.isascii() and count.isdigit()) or listen_pid != str(pid):
+    if not is_decimal(count) or listen_pid != str(pid):
         return {}
     listed = names.split(":") if names else []
     passed: dict[str, int] = {}
