@@ -197,3 +197,7 @@ class FakeWarden(PipeSource):
     @property
     def pidfd(self) -> int:
         return self.fileno()
+
+    @property
+    def lifeline(self) -> int:
+        return self.fileno()

@@ -46,9 +46,15 @@ def sent(data: bytes) -> dict[str, Any]:
 # -- parse_request: what it accepts ---------------------------------------------------------
 
 
-def test_the_protocol_is_version_1_with_four_commands() -> None:
+def test_the_protocol_is_version_1_with_five_commands() -> None:
     assert VERSION == 1
-    assert [command.value for command in Command] == ["status", "reload", "stop", "scale"]
+    assert [command.value for command in Command] == [
+        "status",
+        "reload",
+        "stop",
+        "scale",
+        "upgrade",
+    ]
 
 
 @pytest.mark.parametrize("command", ["status", "reload", "stop"])
@@ -199,13 +205,13 @@ def test_an_unknown_command_is_refused_naming_it_and_listing_the_commands(
 ) -> None:
     refused = refusal(line({"v": 1, "cmd": command}))
     assert refused.message == f"unknown command {shown}"
-    assert refused.hint == "commands: status, reload, stop, scale"
+    assert refused.hint == "commands: status, reload, stop, scale, upgrade"
 
 
 def test_a_missing_command_is_refused_as_an_unknown_one() -> None:
     refused = refusal(line({"v": 1}))
     assert refused.message == "unknown command None"
-    assert refused.hint == "commands: status, reload, stop, scale"
+    assert refused.hint == "commands: status, reload, stop, scale, upgrade"
 
 
 @pytest.mark.parametrize("wait", [1, 0, "yes", "true", None, [], {}])
@@ -279,12 +285,12 @@ def test_encode_writes_ascii_and_the_text_survives() -> None:
 
 
 def test_an_error_line_carries_its_message_and_hint() -> None:
-    data = error_line("unknown command 'relaod'", "commands: status, reload, stop, scale")
+    data = error_line("unknown command 'relaod'", "commands: status, reload, stop, scale, upgrade")
     assert sent(data) == {
         "v": 1,
         "type": "error",
         "error": "unknown command 'relaod'",
-        "hint": "commands: status, reload, stop, scale",
+        "hint": "commands: status, reload, stop, scale, upgrade",
     }
 
 
@@ -302,5 +308,5 @@ def test_a_refusal_becomes_the_documented_error_line() -> None:
     assert refused.hint  # given for an unknown command
     assert error_line(refused.message, refused.hint) == (
         b'{"v": 1, "type": "error", "error": "unknown command \'relaod\'", '
-        b'"hint": "commands: status, reload, stop, scale"}\n'
+        b'"hint": "commands: status, reload, stop, scale, upgrade"}\n'
     )

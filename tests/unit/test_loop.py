@@ -15,13 +15,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from handoff.core.model import ExitStatus, GenerationState, Pid
-from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, SpawnError
+from handoff.errors import EXIT_NEVER_READY, SpawnError
 from handoff.formats.options import (
     RunConfig,
     Timeouts,
     parse_bind,
     parse_ready,
 )
+from handoff.master.holdings import Holdings
 from handoff.master.loop import MasterLoop
 from handoff.system.sockets import Listener, close_listeners, open_listeners
 from tests.unit.fake_system import FakeInbox, FakeNotify, FakeSystem, FakeWarden
@@ -88,11 +89,9 @@ def make_rig(listeners: list[Listener], logs: list[dict[str, object]]) -> Iterat
         made.append((system, inbox, notify, warden))
         loop = MasterLoop(
             config(**options),  # type: ignore[arg-type]
-            listeners,
+            Holdings(listeners=listeners, notify=notify, warden=warden),
             system=system,
             inbox=inbox,
-            notify=notify,
-            warden=warden,
             environ={"PATH": "/usr/bin:/bin"},
         )
         loop.start()
@@ -242,7 +241,9 @@ def test_a_spawn_the_kernel_refuses_is_a_failed_generation(make_rig: MakeRig) ->
     assert rig.loop.view.generation_in(GenerationState.ACTIVE) is not None
 
 
-def test_an_internal_error_sweeps_every_worker_before_it_propagates(make_rig: MakeRig) -> None:
+def test_an_internal_error_propagates_leaving_every_worker_to_the_re_exec(
+    make_rig: MakeRig,
+) -> None:
     rig = make_rig(workers=2)
     rig.ready_all()
     workers = rig.workers()
@@ -253,15 +254,13 @@ def test_an_internal_error_sweeps_every_worker_before_it_propagates(make_rig: Ma
     with pytest.raises(RuntimeError, match="a bug"):
         rig.ready_all(gen=2)  # activating generation 2 detaches generation 1: the bug strikes
 
-    rig.loop.shut_down()
-
-    live = [*workers, *rig.workers(2)]
-    for pid in live:
-        assert ("kill_tree", pid) in rig.system.calls
-        assert ("reap", pid, True) in rig.system.calls
-    assert "kill_strays" in rig.system.names()
-    assert rig.loop.exit is not None
-    assert rig.loop.exit.code == EXIT_FAILURE
+    assert not [call for call in rig.system.calls if call[0] in ("kill_tree", "kill_group")]
+    state = rig.loop.capture("crash", crashes=(1.0,))
+    assert state.machine is not None
+    listed = {w.pid for gen in state.machine.generations for w in gen.workers}
+    assert listed == {*workers, *rig.workers(2)}
+    assert state.crashes == (1.0,)
+    assert state.counters["reexecs"] == 1
 
 
 def test_status_counts_what_the_master_dropped(make_rig: MakeRig) -> None:

@@ -1,4 +1,4 @@
-"""``handoff reload``, ``status``, ``stop`` and ``scale``: clients of the control socket.
+"""``handoff reload``, ``status``, ``stop``, ``scale`` and ``upgrade``: control clients.
 
 Failures raise HandoffError; the CLI group prints them as
 ``handoff: error: …`` with a hint and exits with their code.
@@ -147,6 +147,50 @@ def scale(workers: int, control: str | None, pidfile: str | None, name: str | No
             click.echo(f"workers: {line.get('was')} -> {line.get('workers')}")
             return 0
     raise HandoffError("the master did not confirm the scale")
+
+
+@click.command()
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait until the master runs the new code (or the pre-flight failed).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the result.",
+)
+@_locating
+def upgrade(
+    wait: bool, timeout: float, control: str | None, pidfile: str | None, name: str | None
+) -> int:
+    """Upgrade the master itself to the handoff installed now: same pid, workers untouched.
+
+    The new code first runs as a pre-flight; only if it passes does the master exec it.
+    Exit 0 once the master runs it, 1 if the pre-flight failed (the old master runs on).
+    """
+    path = _path(control, pidfile, name)
+    for line in exchange(path, {"cmd": "upgrade", "wait": wait}, timeout):
+        _fail_on_error(line)
+        if line.get("type") != "result":
+            continue
+        if not wait:
+            click.echo(f"upgrade {line.get('accepted')}")
+            return 0
+        if line.get("ok"):
+            click.echo(
+                f"upgraded: the master (pid {line.get('pid')}) runs handoff "
+                f"{line.get('version')} (was {line.get('was')})"
+            )
+            return 0
+        raise HandoffError(
+            f"upgrade failed: {line.get('reason')}",
+            hint="the master runs on with the code it had; its workers were not touched",
+        )
+    raise HandoffError("the master closed the connection before the upgrade ended")
 
 
 def render_status(report: Mapping[str, Any]) -> str:

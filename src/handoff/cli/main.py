@@ -22,7 +22,9 @@ from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, EXIT_USAGE, ConfigErr
 from handoff.formats import options
 from handoff.formats.options import LogFormat, RunConfig, Timeouts
 from handoff.master.logs import LEVELS, configure
+from handoff.master.resume_state import PREFLIGHT_VARIABLE
 from handoff.master.serve import serve
+from handoff.master.upgrade import run_preflight
 
 
 class _Parsed(click.ParamType):  # type: ignore[type-arg,unused-ignore]
@@ -224,6 +226,8 @@ def run(
         ),
         control_group=control_group,
     )
+    if PREFLIGHT_VARIABLE in os.environ:  # this is the pre-flight of an upgrade
+        return run_preflight(os.environ, sys.stdout)
     log = configure(LogFormat(log_format), log_level)
     code, reason = serve(run_config, log)
     if code == EXIT_NEVER_READY:
@@ -251,6 +255,7 @@ for _command in (
     control_commands.status,
     control_commands.stop,
     control_commands.scale,
+    control_commands.upgrade,
 ):
     cli.add_command(_command)
 

@@ -10,12 +10,23 @@ import signal
 from dataclasses import dataclass
 
 from handoff.core.model import ExitStatus, GenId, Pid
+from handoff.core.snapshot import FoundWorker, MachineSnapshot
 from handoff.core.timers import TimerKey
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Started:
     """The master has its sockets and loop; start the first generation."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resumed:
+    """The master re-executed itself in place (same pid): take over from the snapshot,
+    keeping only the workers the kernel still shows (found)."""
+
+    snapshot: MachineSnapshot
+    found: tuple[FoundWorker, ...]
+    reason: str  # why it re-executed: "crash" or "upgrade"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +101,7 @@ class TimerFired:
 
 Event = (
     Started
+    | Resumed
     | ReloadRequested
     | StopRequested
     | ScaleRequested

@@ -63,9 +63,9 @@ class Generations:
         self._policy = policy
         self.by_id: dict[GenId, Generation] = {}
         self.next_id = GenId(1)
-        self._readiness = Readiness(policy)
-        self._respawns = Respawns(policy)
-        self.workers = WorkerLifecycle(policy, self._readiness)
+        self.readiness = Readiness(policy)
+        self.respawns = Respawns(policy)
+        self.workers = WorkerLifecycle(policy, self.readiness)
 
     def in_state(self, state: GenerationState) -> Generation | None:
         return next((g for g in self.by_id.values() if g.state is state), None)
@@ -81,7 +81,7 @@ class Generations:
         self.by_id[gen.id] = gen
         out.append(act.report(EventName.GENERATION_STARTED, gen=gen.id, workers=gen.size))
         for slot in range(gen.size):
-            self._spawn(gen, slot, out)
+            self.spawn(gen, slot, out)
         return gen
 
     def activate(
@@ -115,7 +115,7 @@ class Generations:
         """ACTIVE | STARTING -> DRAINING."""
         _require(gen, GenerationState.ACTIVE, GenerationState.STARTING)
         gen.state = GenerationState.DRAINING
-        self._respawns.cancel(gen.id, out)
+        self.respawns.cancel(gen.id, out)
         out.append(
             act.report(EventName.GENERATION_DRAINING, gen=gen.id, reason=why, signal=signal_name)
         )
@@ -127,11 +127,11 @@ class Generations:
         """DRAINING | FAILED -> GONE, once nothing of it is left or coming."""
         if gen.state not in (GenerationState.DRAINING, GenerationState.FAILED):
             return
-        if gen.workers or gen.spawning or self._respawns.pending(gen.id):
+        if gen.workers or gen.spawning or self.respawns.pending(gen.id):
             return
         gen.state = GenerationState.GONE
         del self.by_id[gen.id]
-        self._respawns.forget(gen.id)
+        self.respawns.forget(gen.id)
         out.append(act.report(EventName.GENERATION_GONE, gen=gen.id))
 
     def resize(self, gen: Generation, target: int, out: list[act.Action]) -> None:
@@ -141,11 +141,17 @@ class Generations:
         out.append(act.report(EventName.GENERATION_RESIZED, gen=gen.id, workers=target, was=old))
         for slot in range(old, target):
             if slot not in gen.spawning:
-                self._spawn(gen, slot, out)
-        self._respawns.cancel(gen.id, out, from_slot=target)
+                self.spawn(gen, slot, out)
+        self.respawns.cancel(gen.id, out, from_slot=target)
         for worker in gen.live_workers():
             if worker.slot >= target:
                 self.workers.stop(worker, out)  # drained like an old worker, not respawned
+
+    def complete(self, gen: Generation) -> Change:
+        """A starting generation whose workers are all ready already (after a re-exec)."""
+        if gen.state is GenerationState.STARTING and gen.ready_count() >= gen.size:
+            return Complete(gen)
+        return None
 
     # -- worker events ----------------------------------------------------------------
 
@@ -160,7 +166,7 @@ class Generations:
             # The generation failed or began draining while its later workers were forked.
             self.workers.stop(worker, out)
             return
-        self._readiness.watch(worker, out)
+        self.readiness.watch(worker, out)
 
     def spawn_failed(
         self, gen_id: GenId, slot: int, reason: str, now: float, out: list[act.Action]
@@ -194,7 +200,7 @@ class Generations:
             return None
         if event.status is not None:
             self.workers.note_status(worker, event.status)
-        if event.ready and self._readiness.notified(worker, out):
+        if event.ready and self.readiness.notified(worker, out):
             return self._ready(worker, "notify", now, out)
         return None
 
@@ -202,7 +208,7 @@ class Generations:
         self, pid: Pid, ok: bool, detail: str, now: float, out: list[act.Action]
     ) -> Change:
         worker = self.workers.get(pid)
-        if worker is not None and self._readiness.probe_finished(worker, ok, detail, out):
+        if worker is not None and self.readiness.probe_finished(worker, ok, detail, out):
             return self._ready(worker, self._policy.ready.mode.value, now, out, detail)
         return None
 
@@ -215,7 +221,7 @@ class Generations:
             case TimerKind.READY_DELAY:
                 return self._ready(worker, "delay", now, out)
             case TimerKind.PROBE_RETRY:
-                self._readiness.retry(worker, out)
+                self.readiness.retry(worker, out)
             case TimerKind.NOTIFY_GRACE:
                 detail = f"READY=1; no process seen accepting within {policy.notify_grace_s:g} s"
                 return self._ready(worker, "notify", now, out, detail)
@@ -234,17 +240,17 @@ class Generations:
 
     def respawn_due(self, key: TimerKey, *, stopping: bool, out: list[act.Action]) -> None:
         gen = self.by_id.get(GenId(key.ident))
-        if gen is None or not self._respawns.take(key):
+        if gen is None or not self.respawns.take(key):
             return
         serving = gen.state is GenerationState.ACTIVE and not stopping
         if serving and key.slot < gen.size:
-            self._spawn(gen, key.slot, out)
+            self.spawn(gen, key.slot, out)
         else:
             self.check_gone(gen, out)
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _spawn(self, gen: Generation, slot: int, out: list[act.Action]) -> None:
+    def spawn(self, gen: Generation, slot: int, out: list[act.Action]) -> None:
         gen.spawning.add(slot)
         out.append(act.SpawnWorker(gen=gen.id, slot=slot))
 
@@ -274,7 +280,7 @@ class Generations:
                 return Failing(gen, reason)
             case GenerationState.ACTIVE:
                 ready_for = None if ready_at is None else now - ready_at
-                self._respawns.schedule(gen.id, slot, ready_for_s=ready_for, reason=reason, out=out)
+                self.respawns.schedule(gen.id, slot, ready_for_s=ready_for, reason=reason, out=out)
             case GenerationState.DRAINING | GenerationState.FAILED | GenerationState.GONE:
                 pass
             case _:

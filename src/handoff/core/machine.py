@@ -22,10 +22,12 @@ worker at most once; a worker is forgotten exactly once, when its exit is report
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
+from handoff.core import restore
 from handoff.core.generations import Change, Complete, Failing, Generations
 from handoff.core.model import (
     Generation,
@@ -37,7 +39,8 @@ from handoff.core.model import (
     Worker,
 )
 from handoff.core.policy import Policy, ReloadOutcome
-from handoff.core.timers import TimerKind
+from handoff.core.snapshot import MachineSnapshot, ReloadRecord
+from handoff.core.timers import TimerKey, TimerKind
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
@@ -90,6 +93,9 @@ class Supervisor:
             case ev.Started():
                 self._require_master(MasterState.STARTING)
                 gens.start(self.workers_target, now, out)
+            case ev.Resumed():
+                self._require_master(MasterState.STARTING)
+                self._resume(event, now, out)
             case ev.ReloadRequested(source=source):
                 self._on_reload_requested(source, now, out)
             case ev.StopRequested(fast=fast, source=source):
@@ -129,6 +135,72 @@ class Supervisor:
                 self._fail(gen, reason, now, out)
             case _:
                 assert_never(change)
+
+    # -- across a re-exec in place ------------------------------------------------------
+
+    def snapshot(self, deadlines: Mapping[TimerKey, float]) -> MachineSnapshot:
+        """The whole state as plain data, with the loop's pending deadlines."""
+        last = self.last_reload
+        return MachineSnapshot(
+            state=self.state,
+            workers_target=self.workers_target,
+            next_gen=self._gens.next_id,
+            generations=restore.records(self._gens),
+            deadlines=dict(deadlines),
+            reload_pending=self._reload_pending,
+            reload_started_at=self._reload_started_at,
+            fast_stop=self._fast_stop,
+            exit_code=None if self._exit is None else self._exit.code,
+            exit_reason="" if self._exit is None else self._exit.reason,
+            last_reload=None
+            if last is None
+            else ReloadRecord(
+                gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s
+            ),
+        )
+
+    def _resume(self, event: ev.Resumed, now: float, out: list[act.Action]) -> None:
+        """Take over after a re-exec: the snapshot's state, the workers the kernel shows.
+
+        A reload in progress goes on (its starting workers prove themselves ready again);
+        a stop in progress goes on draining.
+        """
+        snap = event.snapshot
+        self.workers_target = max(MIN_WORKERS, min(MAX_WORKERS, snap.workers_target))
+        last = snap.last_reload
+        if last is not None:
+            self.last_reload = ReloadOutcome(
+                gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s
+            )
+        self._reload_pending = snap.reload_pending
+        self._reload_started_at = snap.reload_started_at
+        self._fast_stop = snap.fast_stop
+        restored = restore.restore(self._gens, snap, event.found, now, out)
+        starting = self.generation_in(GenerationState.STARTING)
+        active = self.generation_in(GenerationState.ACTIVE)
+        self.state = restore.master_state(snap.state, active=active, starting=starting)
+        if self.state is MasterState.STOPPING:
+            code = EXIT_OK if snap.exit_code is None else snap.exit_code
+            self._exit = act.Exit(code=code, reason=snap.exit_reason or "stop requested")
+        out.append(
+            act.report(
+                EventName.MASTER_RESUMED,
+                reason=event.reason,
+                state=self.state.value,
+                generations=len(self.generations),
+                workers=restored.found,
+                lost=restored.lost,
+                unlisted=restored.unlisted,
+            )
+        )
+        if self.state is MasterState.STOPPING:
+            for gen in list(self.generations.values()):
+                if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
+                    self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
+        elif starting is not None:
+            self._act_on(self._gens.complete(starting), now, out)
+        elif self.state is MasterState.STARTING:
+            self._gens.start(self.workers_target, now, out)  # nothing was started yet
 
     # -- generations, as far as the master is concerned --------------------------------
 

@@ -11,10 +11,12 @@ tree (system/accepting_scan.py). READY=1 over the notify socket counts in every 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from handoff.core import actions as act
 from handoff.core.model import Pid, Worker, WorkerState
 from handoff.core.policy import Policy, backoff
-from handoff.core.timers import TimerKey, TimerKind
+from handoff.core.timers import TimerKey, TimerKind, remaining
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import ReadyMode
 
@@ -43,6 +45,21 @@ class Readiness:
                 out.append(act.RunProbe(pid=worker.pid, gen=worker.gen, slot=worker.slot))
             case ReadyMode.NOTIFY:
                 pass
+
+    def rewatch(
+        self, worker: Worker, deadlines: Mapping[TimerKey, float], now: float, out: list[act.Action]
+    ) -> None:
+        """After a re-exec: watch a starting worker again (its probe runs anew), keeping the
+        ready timeout and ``delay:`` deadlines it already had."""
+        self.watch(worker, out)
+        kinds = [TimerKind.READY_TIMEOUT]
+        if self._policy.ready.mode is ReadyMode.DELAY:
+            kinds.append(TimerKind.READY_DELAY)
+        for kind in kinds:
+            key = TimerKey(kind, worker.pid)
+            left = remaining(deadlines, key, now)
+            if left is not None:
+                out.append(act.StartTimer(key=key, delay_s=left))
 
     def forget(self, worker: Worker, out: list[act.Action]) -> None:
         """Cancel what ``watch`` started: the worker is ready, stopping or gone."""

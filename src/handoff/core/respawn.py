@@ -63,6 +63,11 @@ class Respawns:
             )
         )
 
+    def restore(self, gen: GenId, slot: int, delay_s: float, out: list[act.Action]) -> None:
+        """After a re-exec: the slot still waits for its respawn, due in delay_s."""
+        self._pending.setdefault(gen, set()).add(slot)
+        out.append(act.StartTimer(key=respawn_key(gen, slot), delay_s=delay_s))
+
     def take(self, key: TimerKey) -> bool:
         """The slot's respawn timer fired: True if the slot was still waiting for it."""
         waiting = self._pending.get(GenId(key.ident), set())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -25,6 +26,12 @@ class TimerKey(NamedTuple):
     kind: TimerKind
     ident: int
     slot: int = 0
+
+
+def remaining(deadlines: Mapping[TimerKey, float], key: TimerKey, now: float) -> float | None:
+    """Seconds left until a carried-over deadline (0 if past); None if there is none."""
+    deadline = deadlines.get(key)
+    return None if deadline is None else max(0.0, deadline - now)
 
 
 class Timers:
@@ -48,6 +55,10 @@ class Timers:
 
     def __len__(self) -> int:
         return len(self._deadlines)
+
+    def deadlines(self) -> dict[TimerKey, float]:
+        """Every pending deadline by key (what a re-exec carries over)."""
+        return {key: deadline for key, (deadline, _) in self._deadlines.items()}
 
     def next_deadline(self) -> float | None:
         self._drop_cancelled()

@@ -16,13 +16,14 @@ changes generations, the ``Supervisor`` the master). The states and edges
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from handoff.core import actions as act
 from handoff.core.model import ExitStatus, GenId, InvalidTransition, Pid, Worker, WorkerState
 from handoff.core.policy import Policy
 from handoff.core.readiness import Readiness
-from handoff.core.timers import TimerKey, TimerKind
+from handoff.core.timers import TimerKey, TimerKind, remaining
 from handoff.formats.log_events import EventName, Level
 
 
@@ -60,6 +61,33 @@ class WorkerLifecycle:
         self._workers[pid] = worker
         out.append(act.report(EventName.WORKER_SPAWNED, **worker_fields(worker)))
         return worker
+
+    def resume(
+        self, worker: Worker, deadlines: Mapping[TimerKey, float], now: float, out: list[act.Action]
+    ) -> None:
+        """After a re-exec: take the worker back in the state it had, and re-arm what that
+        state waits for (its settle or drain deadline as it was; a kill is sent again).
+        A starting worker's readiness is the caller's to re-watch."""
+        self._workers[worker.pid] = worker
+        match worker.state:
+            case WorkerState.SETTLING:
+                settle = remaining(deadlines, TimerKey(TimerKind.SETTLE, worker.pid), now)
+                if settle is None:
+                    self.signal_stop(worker, out)
+                else:
+                    out.append(
+                        act.StartTimer(key=TimerKey(TimerKind.SETTLE, worker.pid), delay_s=settle)
+                    )
+            case WorkerState.SIGNALLED:
+                key = TimerKey(TimerKind.DRAIN, worker.pid)
+                drain = remaining(deadlines, key, now)
+                delay = self._policy.drain_timeout_s if drain is None else drain
+                out.append(act.StartTimer(key=key, delay_s=delay))
+            case WorkerState.KILLED | WorkerState.EXITED:
+                worker.state = WorkerState.KILLED
+                out.append(act.KillTree(pid=worker.pid))
+            case WorkerState.STARTING | WorkerState.READY:
+                pass
 
     def ready(
         self, worker: Worker, via: str, now: float, out: list[act.Action], detail: str = ""

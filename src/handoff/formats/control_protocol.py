@@ -24,6 +24,7 @@ class Command(StrEnum):
     RELOAD = "reload"
     STOP = "stop"
     SCALE = "scale"
+    UPGRADE = "upgrade"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

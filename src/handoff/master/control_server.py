@@ -14,7 +14,7 @@ import contextlib
 import heapq
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, assert_never
 
@@ -33,6 +33,7 @@ from handoff.formats.control_protocol import (
 from handoff.formats.log_events import EventName, Level
 from handoff.master.logs import emit
 from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
+from handoff.master.resume_state import ClientRecord
 from handoff.master.sources import Source, Sources, Watch
 from handoff.system.sockets import peer_credentials, remove_stale_unix_socket
 
@@ -75,6 +76,10 @@ class ControlledMaster(Protocol):
 
     def status(self) -> Mapping[str, object]: ...
 
+    def upgrade(self, source: str) -> str | None:
+        """Start an upgrade; the reason it was refused, or None."""
+        ...
+
 
 @dataclass(slots=True)
 class Client:
@@ -98,7 +103,9 @@ class ControlServer:
         master: ControlledMaster,
         sources: Sources,
         clock: Callable[[], float],
+        listening: socket.socket | None = None,
     ) -> None:
+        """listening: the control socket a re-executed master kept open; else bind path."""
         self.path = path
         self._group = group
         self._master = master
@@ -108,6 +115,11 @@ class ControlServer:
         self._deadlines: list[tuple[float, int]] = []
         self._next_reload: list[Client] = []  # waiting for the next reload to start
         self._reloads: dict[GenId, list[Client]] = {}  # clients waiting for that reload's result
+        self._upgrades: list[Client] = []  # clients waiting for the upgrade's result
+        if listening is not None:
+            self._sock = listening
+            self._sock.setblocking(False)
+            return
         remove_stale_unix_socket(path, f"--control {path}")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         previous = os.umask(0o177 if group is None else 0o117)
@@ -199,6 +211,51 @@ class ControlServer:
                 pass
         self._progress(report)
 
+    def waiting_clients(self) -> list[ClientRecord]:
+        """The clients waiting for a reload's or an upgrade's result, to hand over to the
+        code the master re-executes (a client whose last line cannot be finished now is
+        dropped: it would otherwise read half a line)."""
+        waiting = [(c, "next-reload", 0) for c in self._next_reload]
+        waiting += [(c, "reload", gen) for gen, clients in self._reloads.items() for c in clients]
+        waiting += [(c, "upgrade", 0) for c in self._upgrades]
+        records = []
+        for client, kind, gen in waiting:
+            if client.outbox:
+                with contextlib.suppress(OSError):
+                    client.sock.settimeout(0.5)
+                    client.sock.sendall(client.outbox)
+                    client.outbox.clear()
+                client.sock.setblocking(False)
+            if not client.outbox:
+                records.append(ClientRecord(fd=client.sock.fileno(), waiting=kind, gen=gen))
+        return records
+
+    def adopt_clients(self, records: Sequence[ClientRecord]) -> None:
+        """Take back the waiting clients a re-exec handed over."""
+        for record in records:
+            try:
+                sock = socket.socket(fileno=record.fd)
+                sock.setblocking(False)
+                sock.set_inheritable(False)
+            except OSError:
+                continue
+            client = Client(sock, deadline=float("inf"), answered=True)
+            self._clients[record.fd] = client
+            self._watch(record.fd, write=False)
+            match record.waiting:
+                case "next-reload":
+                    self._next_reload.append(client)
+                case "reload":
+                    self._reloads.setdefault(GenId(record.gen), []).append(client)
+                case _:
+                    self._upgrades.append(client)
+
+    def upgrade_finished(self, **fields: object) -> None:
+        """Answer the clients waiting for the upgrade (fields: ok, and what else to say)."""
+        clients, self._upgrades = self._upgrades, []
+        for client in clients:
+            self._finish(client, encode("result", pid=os.getpid(), **fields))
+
     def close(self) -> None:
         for fd, client in list(self._clients.items()):
             if not client.closing:
@@ -254,6 +311,14 @@ class ControlServer:
                     self._finish(client, encode("result", ok=True, workers=workers, was=was))
             case Command.RELOAD:
                 self._reload(fd, client, wait=request.wait)
+            case Command.UPGRADE:
+                reason = self._master.upgrade("control")
+                if reason is not None:
+                    self._fail(fd, client, reason)
+                elif request.wait:
+                    self._upgrades.append(client)
+                else:
+                    self._finish(client, encode("result", ok=True, accepted="started"))
             case _:
                 assert_never(request.command)
 
@@ -327,6 +392,7 @@ class ControlServer:
         if client is None:
             return
         self._next_reload = [c for c in self._next_reload if c is not client]
+        self._upgrades = [c for c in self._upgrades if c is not client]
         for waiting in self._reloads.values():
             if client in waiting:
                 waiting.remove(client)

@@ -13,61 +13,47 @@ touches a process goes through ``system.System``.
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping, Sequence
-from typing import Protocol, assert_never
+from collections.abc import Mapping
+from typing import Final, assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
 from handoff.core.machine import Supervisor
-from handoff.core.model import GenerationState, Pid
+from handoff.core.model import MasterState
 from handoff.core.policy import Policy
+from handoff.core.snapshot import MachineSnapshot
 from handoff.core.timers import Timers
-from handoff.errors import EXIT_FAILURE
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
 from handoff.master.control_server import ControlServer, MasterView
+from handoff.master.holdings import Carried, Holdings
 from handoff.master.logs import LineWriter, emit
 from handoff.master.probes import Probes
-from handoff.master.sources import Source, Sources, Wakeup, Watch
-from handoff.master.status import build_status
+from handoff.master.reexec import signal_and_wait
+from handoff.master.resume_state import ResumeState, this_version
+from handoff.master.sources import (
+    SignalSource,
+    Source,
+    Sources,
+    Wakeup,
+    Watch,
+)
+from handoff.master.status import add_counters, build_status, process_title
 from handoff.master.system import System
 from handoff.master.systemd import SystemdGlue
+from handoff.master.upgrade import Upgrades
 from handoff.master.workers import WorkerTable
-from handoff.system.sockets import Listener
 
-
-class SignalSource(Protocol):
-    """The signal inbox (system/signals.py): readable when signals arrived."""
-
-    def fileno(self) -> int: ...
-
-    def drain(self) -> list[signal.Signals]: ...
-
-
-class NotifySource(Protocol):
-    """The workers' notify socket (system/worker_notify.py)."""
-
-    @property
-    def address(self) -> str: ...
-
-    @property
-    def dropped(self) -> int:
-        """Datagrams refused (another user's, or without credentials)."""
-        ...
-
-    def fileno(self) -> int: ...
-
-    def receive(self) -> list[tuple[Pid, dict[str, str]]]: ...
-
-
-class WardenHandle(Protocol):
-    """The warden process (system/warden.py): its pidfd is readable if it dies."""
-
-    @property
-    def pid(self) -> Pid: ...
-
-    @property
-    def pidfd(self) -> int: ...
+# What each signal asks of the machine (USR2, the upgrade, and CHLD are the loop's own).
+SIGNAL_REQUESTS: Final[Mapping[signal.Signals, ev.Event]] = {
+    signal.SIGHUP: ev.ReloadRequested(source="SIGHUP"),
+    signal.SIGTERM: ev.StopRequested(fast=False, source="SIGTERM"),
+    signal.SIGINT: ev.StopRequested(fast=False, source="SIGINT"),
+    signal.SIGQUIT: ev.StopRequested(fast=True, source="SIGQUIT"),
+    signal.SIGUSR1: ev.ForwardRequested(signal=signal.SIGUSR1),
+    signal.SIGTTIN: ev.ScaleRequested(source="SIGTTIN", delta=1),
+    signal.SIGTTOU: ev.ScaleRequested(source="SIGTTOU", delta=-1),
+}
 
 
 class MasterLoop:
@@ -76,23 +62,22 @@ class MasterLoop:
     def __init__(
         self,
         config: RunConfig,
-        listeners: Sequence[Listener],
+        holdings: Holdings,
         *,
         system: System,
         inbox: SignalSource,
-        notify: NotifySource,
-        warden: WardenHandle,
         environ: Mapping[str, str],
         log: LineWriter | None = None,
-        worker_fd_limit: int | None = None,
     ) -> None:
         self._config = config
-        self._listeners = listeners
+        self._holdings = holdings
+        self._listeners = listeners = holdings.listeners
         self._system = system
         self._inbox = inbox
-        self._notify = notify
-        self._warden = warden
+        self._notify = holdings.notify
+        self._warden = holdings.warden
         self._log = log
+        worker_fd_limit = holdings.worker_fd_limit
         self._machine = Supervisor(Policy.from_config(config))
         self._sources = Sources()
         self._timers = Timers()
@@ -102,8 +87,13 @@ class MasterLoop:
         self._probes = Probes(
             system, self._sources, config.ready, listeners, environ, fd_limit=worker_fd_limit
         )
-        self._started_at = system.clock()
-        self._systemd = SystemdGlue(environ, self._machine, self._started_at)
+        self._failpoints = holdings.failpoints
+        self._carried = holdings.carried or Carried(started_at=system.clock())
+        self._started_at = self._carried.started_at
+        self._systemd = SystemdGlue(environ, self._machine, system.clock())
+        self._upgrades = Upgrades(
+            system, self._sources, lambda: self.capture("upgrade"), self._answer_upgrade
+        )
         self._control: ControlServer | None = None
         self._exit: act.Exit | None = None
         self.exit_reason = ""
@@ -124,21 +114,38 @@ class MasterLoop:
             listeners=self._listeners,
             started_at=self._started_at,
             now=self._system.clock(),
-            log_lines_dropped=self._log.dropped if self._log is not None else 0,
+            counters=self.counters(),
+        )
+
+    def counters(self) -> dict[str, int]:
+        """What status counts, carried across re-execs."""
+        dropped = self._log.dropped if self._log is not None else 0
+        return add_counters(
+            self._carried.counters,
+            log_lines_dropped=dropped,
             notify_datagrams_dropped=self._notify.dropped,
         )
 
+    def upgrade(self, source: str) -> str | None:
+        """Start an upgrade's pre-flight (or join the one running); why not, if refused."""
+        stopping = self._machine.state is MasterState.STOPPING
+        return self._upgrades.request(source, stopping=stopping, now=self._system.clock())
+
     # -- the loop -----------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Run until the machine says exit; return the exit code."""
-        try:
+    def run(self, resumed: ev.Resumed | None = None) -> int:
+        """Run until the machine says exit; return the exit code.
+
+        An exception leaves everything running, for the caller to re-exec the master
+        (master/serve.py): the workers must not pay for a bug in handoff.
+        """
+        if resumed is None:
             self.start()
-            while self._exit is None:
-                self.turn()
-        finally:
-            self.shut_down()
-        assert self._exit is not None
+        else:
+            self.resume(resumed)
+        while self._exit is None:
+            self.turn()
+        self.shut_down()
         return self._exit.code
 
     @property
@@ -148,6 +155,23 @@ class MasterLoop:
 
     def start(self) -> None:
         """Open the control socket, watch the sources, start the first generation."""
+        self._watch_sources()
+        self._feed(ev.Started())
+
+    def resume(self, resumed: ev.Resumed) -> None:
+        """After a re-exec: take the found workers back, then the machine its state."""
+        self._watch_sources()
+        for found in resumed.found:
+            self._workers.adopt(found.pid)
+        if self._control is not None:
+            self._control.adopt_clients(self._carried.clients)
+        self._feed(resumed)
+        if resumed.reason == "upgrade":
+            was = self._carried.version
+            emit(EventName.UPGRADE_SUCCEEDED, version=this_version(), was=was)
+            self._answer_upgrade(ok=True, version=this_version(), was=was)
+
+    def _watch_sources(self) -> None:
         if self._config.control_path is not None:
             self._control = ControlServer(
                 self._config.control_path,
@@ -155,14 +179,34 @@ class MasterLoop:
                 master=self,
                 sources=self._sources,
                 clock=self._system.clock,
+                listening=self._holdings.control_socket,
             )
             self._sources.watch(self._control.fileno(), Watch(Source.CONTROL))
-            emit(EventName.CONTROL_LISTENING, path=self._config.control_path)
+            if self._holdings.control_socket is None:
+                emit(EventName.CONTROL_LISTENING, path=self._config.control_path)
         self._sources.watch(self._inbox.fileno(), Watch(Source.SIGNALS))
         self._sources.watch(self._notify.fileno(), Watch(Source.NOTIFY))
         self._sources.watch(self._warden.pidfd, Watch(Source.WARDEN))
         self._update_title()
-        self._feed(ev.Started())
+
+    def capture(self, reason: str, *, crashes: tuple[float, ...] | None = None) -> ResumeState:
+        """What the code this master execs needs to take over (master/reexec.py); without
+        the machine's snapshot if that fails (the new master asks the kernel instead)."""
+        control = self._control
+        try:
+            machine: MachineSnapshot | None = self._machine.snapshot(self._timers.deadlines())
+        except Exception:
+            machine = None
+        return self._holdings.capture(
+            reason,
+            machine=machine,
+            control=None
+            if control is None
+            else (control.fileno(), tuple(control.waiting_clients())),
+            started_at=self._started_at,
+            counters=self.counters(),
+            crashes=crashes,
+        )
 
     def turn(self) -> None:
         """Wait for what is next, and handle everything that woke the loop."""
@@ -172,6 +216,7 @@ class MasterLoop:
                 self._timers.next_deadline(),
                 self._control.next_deadline() if self._control else None,
                 self._systemd.next_deadline(),
+                self._upgrades.next_deadline(),
             )
             if deadline is not None
         ]
@@ -183,6 +228,7 @@ class MasterLoop:
         now = self._system.clock()
         if self._control is not None:
             self._control.expire(now)
+        self._upgrades.expire(now)
         self._systemd.keep_alive(now)
         for key in self._timers.pop_due(now):
             if self._exit is not None:
@@ -212,36 +258,21 @@ class MasterLoop:
             case Source.CLIENT:
                 assert self._control is not None
                 self._control.on_client(watch.fd, wakeup.readable, wakeup.writable)
+            case Source.UPGRADE:
+                self._upgrades.on_exit()
             case _:
                 assert_never(watch.source)
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        match sig:
-            case signal.SIGHUP:
-                self._feed(ev.ReloadRequested(source="SIGHUP"))
-            case signal.SIGTERM | signal.SIGINT:
-                self._feed(ev.StopRequested(fast=False, source=sig.name))
-            case signal.SIGQUIT:
-                self._feed(ev.StopRequested(fast=True, source=sig.name))
-            case signal.SIGUSR1:
-                self._feed(ev.ForwardRequested(signal=sig))
-            case signal.SIGTTIN:
-                self._feed(ev.ScaleRequested(source=sig.name, delta=1))
-            case signal.SIGTTOU:
-                self._feed(ev.ScaleRequested(source=sig.name, delta=-1))
-            case signal.SIGUSR2:
-                emit(
-                    EventName.SIGNAL_IGNORED,
-                    Level.WARNING,
-                    signal=sig.name,
-                    reason="not supported yet",
-                )
-            case signal.SIGCHLD:
-                tracked = {*self._workers.pids(), *self._probes.pids(), self._warden.pid}
-                for pid in self._system.reap_strays(tracked):
-                    emit(EventName.STRAY_REAPED, Level.DEBUG, pid=pid)
-            case _:
-                pass
+        request = SIGNAL_REQUESTS.get(sig)
+        if request is not None:
+            self._feed(request)
+        elif sig is signal.SIGUSR2:
+            self.upgrade(source=sig.name)
+        elif sig is signal.SIGCHLD:
+            tracked = {*self._workers.pids(), *self._probes.pids(), *self._upgrades.pids()}
+            for pid in self._system.reap_strays({*tracked, self._warden.pid}):
+                emit(EventName.STRAY_REAPED, Level.DEBUG, pid=pid)
 
     def _on_notify(self) -> None:
         workers = self._workers.pids()
@@ -254,8 +285,22 @@ class MasterLoop:
             ready = fields.get("READY") == "1"
             self._feed(ev.WorkerNotified(pid=worker, ready=ready, status=fields.get("STATUS")))
 
-    def shut_down(self) -> None:
-        """Normally every worker is gone by now; after an internal error, make it so."""
+    def _answer_upgrade(self, **fields: object) -> None:
+        if self._control is not None:
+            self._control.upgrade_finished(**fields)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def shut_down(self, *, gracefully: bool = False) -> None:
+        """Normally every worker is gone by now; make it so, and close what the loop owns.
+
+        gracefully (the master crashed and cannot re-exec): the stop signal first, and
+        --drain-timeout for the workers to finish what they serve, rather than SIGKILL.
+        """
+        self._upgrades.cancel()
+        if gracefully:
+            drain = self._config.timeouts.drain_s
+            signal_and_wait(self._workers.children(), self._config.stop_signal, drain)
         self._workers.kill_all()
         self._probes.kill_all()
         for pid in self._system.kill_strays({self._warden.pid}):
@@ -264,8 +309,6 @@ class MasterLoop:
             self._control.close()
         self._systemd.close()
         self._sources.close()
-        if self._exit is None:
-            self._exit = act.Exit(code=EXIT_FAILURE, reason="internal error")
 
     # -- feeding the machine ------------------------------------------------------------
 
@@ -304,6 +347,7 @@ class MasterLoop:
                 if self._control is not None:
                     self._control.on_report(action)
                 self._systemd.on_report(action)
+                self._failpoints.after(name)
             case act.Exit(reason=reason):
                 self._exit = action
                 self.exit_reason = reason
@@ -311,12 +355,4 @@ class MasterLoop:
                 assert_never(action)
 
     def _update_title(self) -> None:
-        machine = self._machine
-        active = machine.generation_in(GenerationState.ACTIVE)
-        serving = (
-            f"gen {active.id}, {active.ready_count()}/{active.size} ready"
-            if active
-            else "no generation serving"
-        )
-        name = self._config.name
-        self._system.set_title(f"handoff: master [{name}] {serving}, {machine.state.value}")
+        self._system.set_title(process_title(self._machine, self._config.name))

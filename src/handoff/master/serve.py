@@ -10,25 +10,51 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 
+from handoff.core import events as ev
+from handoff.core.snapshot import SnapshotError
 from handoff.errors import HandoffError
-from handoff.formats.log_events import EventName, Level
+from handoff.formats.log_events import EventName
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD, expand_placeholders
+from handoff.master import resume_state
+from handoff.master.failpoints import Failpoints
+from handoff.master.holdings import Holdings
 from handoff.master.logs import LineWriter, emit
 from handoff.master.loop import MasterLoop
+from handoff.master.resume_state import ResumeState
 from handoff.master.system import RealSystem
 from handoff.master.systemd import sync_fd_store
+from handoff.master.takeover import after_crash, stop_orphans, take_over
 from handoff.system import children, systemd_sockets
-from handoff.system.signals import SignalInbox
+from handoff.system.signals import HANDLED, SignalInbox
 from handoff.system.sockets import close_listeners, default_backlog, open_listeners
 from handoff.system.warden import start_warden
 from handoff.system.worker_notify import NotifyServer
 
 
 def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
-    """Own the sockets and run the master loop until it exits; return (exit code, reason)."""
+    """Own the sockets and run the master loop until it exits; return (exit code, reason).
+
+    A master that was re-executed in place (``HANDOFF_RESUME``) takes over instead of
+    starting: master/takeover.py.
+    """
+    # Until the inbox exists a HUP or INT would end the master: they wait, pending.
+    # (A master re-executed in place starts with them blocked already.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    failpoints = Failpoints.take(os.environ)
+    try:
+        handed_state = resume_state.take(os.environ)
+    except SnapshotError as exc:
+        stop_orphans(run_config)
+        raise HandoffError(
+            f"cannot take over after a re-exec: {exc}",
+            hint="the workers were stopped gracefully; start handoff again",
+        ) from None
+    if handed_state is not None:
+        return _serve_handed(run_config, log, handed_state)
     passed = systemd_sockets.passed_sockets(os.environ, os.getpid())
     specs = systemd_sockets.resolve(run_config.binds, passed)
     expand_placeholders(run_config.command, len(specs))  # validate {fdN} early
@@ -39,6 +65,7 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
         _prepare_control_directory(run_config.control_path)
     warden = start_warden(run_config.name)
     inbox = SignalInbox()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     listeners = []
     try:
         listeners = open_listeners(specs, run_config.backlog or default_backlog())
@@ -71,31 +98,22 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
             command=list(run_config.command),
         )
         notify = NotifyServer()
-        loop = MasterLoop(
-            run_config,
-            listeners,
-            system=RealSystem(warden),
-            inbox=inbox,
+        holdings = Holdings(
+            listeners=listeners,
             notify=notify,
             warden=warden,
+            worker_fd_limit=worker_fd_limit,
+            failpoints=failpoints,
+        )
+        loop = MasterLoop(
+            run_config,
+            holdings,
+            system=RealSystem(warden),
+            inbox=inbox,
             environ=os.environ,
             log=log,
-            worker_fd_limit=worker_fd_limit,
         )
-        try:
-            code = loop.run()
-        except HandoffError:
-            raise  # an expected failure (e.g. the control socket in use): reported by the CLI
-        except Exception as exc:
-            emit(
-                EventName.MASTER_CRASHED,
-                Level.ERROR,
-                error=repr(exc),
-                hint="a bug in handoff: please report it",
-            )
-            raise
-        finally:
-            notify.close()
+        code = _run(loop, None, notify, ())
         reason = loop.exit_reason
     finally:
         inbox.close()
@@ -104,6 +122,46 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
         warden.release()
     emit(EventName.MASTER_EXITED, exit_code=code, reason=reason)
     return code, reason
+
+
+def _serve_handed(run_config: RunConfig, log: LineWriter, state: ResumeState) -> tuple[int, str]:
+    """The same master, re-executed in place: take over what the old code handed over."""
+    handed = take_over(state, run_config)
+    inbox = SignalInbox()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+    try:
+        children.become_subreaper()
+        loop = MasterLoop(
+            run_config,
+            handed.holdings,
+            system=RealSystem(handed.warden),
+            inbox=inbox,
+            environ=os.environ,
+            log=log,
+        )
+        code = _run(loop, handed.resumed, handed.notify, state.crashes)
+        reason = loop.exit_reason
+    finally:
+        inbox.close()
+        close_listeners(list(handed.holdings.listeners))
+        _remove_pidfile(run_config.pidfile)
+        handed.warden.release()
+    emit(EventName.MASTER_EXITED, exit_code=code, reason=reason)
+    return code, reason
+
+
+def _run(
+    loop: MasterLoop, resumed: ev.Resumed | None, notify: NotifyServer, crashes: tuple[float, ...]
+) -> int:
+    try:
+        return loop.run(resumed)
+    except HandoffError:
+        raise  # an expected failure (e.g. the control socket in use): reported by the CLI
+    except Exception as exc:
+        after_crash(loop, exc, crashes)  # execs the master again, or stops the workers
+        raise
+    finally:
+        notify.close()
 
 
 def _write_pidfile(path: str | None) -> None:

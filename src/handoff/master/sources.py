@@ -1,4 +1,5 @@
-"""What the master loop waits on: one epoll selector, each fd tagged with its source.
+"""What the master loop waits on: one epoll selector, each fd tagged with its source,
+and the protocols of the loop's long-lived sources (the real ones are in system/).
 
 A turn handles what woke the loop in the order of ``Source``: signals first, then worker
 exits before notify messages and probe results, so a worker that died in the same pass is
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import selectors
+import signal
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Final
+from typing import Final, Protocol
 
 from handoff.core.model import Pid
 
@@ -23,6 +25,7 @@ class Source(Enum):
     WORKER = auto()
     NOTIFY = auto()
     PROBE = auto()
+    UPGRADE = auto()  # the pre-flight of an upgrade exited
     WARDEN = auto()
     CONTROL = auto()
     CLIENT = auto()
@@ -43,6 +46,45 @@ class Wakeup:
     watch: Watch
     readable: bool
     writable: bool
+
+
+class SignalSource(Protocol):
+    """The signal inbox (system/signals.py): readable when signals arrived."""
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> list[signal.Signals]: ...
+
+
+class NotifySource(Protocol):
+    """The workers' notify socket (system/worker_notify.py)."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams refused (another user's, or without credentials)."""
+        ...
+
+    def fileno(self) -> int: ...
+
+    def receive(self) -> list[tuple[Pid, dict[str, str]]]: ...
+
+
+class WardenHandle(Protocol):
+    """The warden process (system/warden.py): its pidfd is readable if it dies."""
+
+    @property
+    def pid(self) -> Pid: ...
+
+    @property
+    def pidfd(self) -> int: ...
+
+    @property
+    def lifeline(self) -> int:
+        """The write end of its pipe: kept open across a re-exec."""
+        ...
 
 
 class Sources:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from handoff import __version__
 from handoff.core.machine import Supervisor
+from handoff.core.model import GenerationState
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD
 from handoff.system.process_tree import tree_usage
@@ -25,9 +27,9 @@ def build_status(
     listeners: Sequence[Listener],
     started_at: float,
     now: float,
-    log_lines_dropped: int = 0,
-    notify_datagrams_dropped: int = 0,
+    counters: Mapping[str, int] | None = None,
 ) -> dict[str, object]:
+    """counters: what the master counts (``add_counters``), shown as they are."""
     ports = listening_ports(listeners)
     generations = []
     for gen in machine.generations.values():
@@ -64,8 +66,8 @@ def build_status(
             "name": config.name,
             "state": machine.state.value,
             "uptime_s": round(now - started_at, 1),
-            "log_lines_dropped": log_lines_dropped,
-            "notify_datagrams_dropped": notify_datagrams_dropped,
+            "version": __version__,
+            **add_counters(counters or {}),
             "ready": config.ready.describe(),
             "workers": machine.workers_target,
             "command": list(config.command),
@@ -80,6 +82,23 @@ def build_status(
         if last is None
         else {"gen": last.gen, "ok": last.ok, "reason": last.reason, "duration_s": last.duration_s},
     }
+
+
+def add_counters(carried: Mapping[str, int], **now: int) -> dict[str, int]:
+    """The master's counters: what a re-executed master carried over, plus its own."""
+    names = ("log_lines_dropped", "notify_datagrams_dropped", "reexecs")
+    return {name: carried.get(name, 0) + now.get(name, 0) for name in names}
+
+
+def process_title(machine: Supervisor, name: str) -> str:
+    """The master's process title: what serves, and the master's state."""
+    active = machine.generation_in(GenerationState.ACTIVE)
+    serving = (
+        f"gen {active.id}, {active.ready_count()}/{active.size} ready"
+        if active
+        else "no generation serving"
+    )
+    return f"handoff: master [{name}] {serving}, {machine.state.value}"
 
 
 def listening_ports(listeners: Sequence[Listener]) -> frozenset[int]:

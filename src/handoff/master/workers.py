@@ -87,6 +87,15 @@ class WorkerTable:
         self._sources.watch(child.pidfd, Watch(Source.WORKER, child.pid))
         return ev.WorkerSpawned(gen=gen, slot=slot, pid=child.pid)
 
+    def adopt(self, pid: Pid) -> None:
+        """After a re-exec: watch a worker the kernel shows (the warden knows it already)."""
+        child = Child(pid, os.pidfd_open(pid))
+        self._children[pid] = child
+        self._sources.watch(child.pidfd, Watch(Source.WORKER, pid))
+
+    def children(self) -> list[Child]:
+        return list(self._children.values())
+
     def on_exit(self, pid: Pid) -> ev.ChildExited | None:
         """The worker's pidfd is readable: clear its group, reap and forget it."""
         status = reap_watched(self._system, self._sources, self._children[pid])

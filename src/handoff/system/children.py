@@ -44,6 +44,8 @@ class SpawnRequest:
     # The soft RLIMIT_NOFILE the child gets back (the master raised its own; a worker
     # that uses select() needs fds below 1024). None: keep the master's.
     fd_soft_limit: int | None = None
+    # Where the child's stdout and stderr go (a pipe the master reads); None: the master's.
+    output: int | None = None
 
 
 @dataclass(slots=True)
@@ -167,9 +169,13 @@ def _exec_child(request: SpawnRequest, error_pipe: int, parent: int) -> None:  #
         # source; dup2 onto a different fd also clears close-on-exec, which we need.
         # (dup2 of an fd onto itself would keep CLOEXEC set.)
         moved = [_dup_above(fd, top) for fd in request.listen_fds]
+        output = None if request.output is None else _dup_above(request.output, top)
         error_pipe = _dup_above(error_pipe, top + count)
         for index, fd in enumerate(moved):
             os.dup2(fd, FIRST_LISTEN_FD + index, inheritable=True)
+        if output is not None:
+            os.dup2(output, 1, inheritable=True)
+            os.dup2(output, 2, inheritable=True)
         os.closerange(top, error_pipe)
         os.closerange(error_pipe + 1, _fd_limit())
         if request.fd_soft_limit is not None:

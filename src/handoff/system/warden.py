@@ -28,6 +28,16 @@ class Warden:
     pidfd: int
     _pipe: int
 
+    @property
+    def lifeline(self) -> int:
+        return self._pipe
+
+    @classmethod
+    def adopt(cls, pid: Pid, lifeline: int) -> Warden:
+        """After the master re-executed: the warden it forked, and the lifeline it kept."""
+        os.set_inheritable(lifeline, False)
+        return cls(pid, os.pidfd_open(pid), lifeline)
+
     def register(self, pid: Pid) -> None:
         self._send(f"+{pid}\n")
 

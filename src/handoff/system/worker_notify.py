@@ -27,11 +27,23 @@ BATCH: Final = 256  # datagrams handled per loop turn
 
 
 class NotifyServer:
-    def __init__(self, senders: frozenset[int] | None = None, batch: int = BATCH) -> None:
-        """senders: the uids whose datagrams count (default: the master's own, and root)."""
+    def __init__(
+        self,
+        senders: frozenset[int] | None = None,
+        batch: int = BATCH,
+        *,
+        adopt: tuple[int, str] | None = None,
+    ) -> None:
+        """senders: the uids whose datagrams count (default: the master's own, and root).
+        adopt: (fd, address) of the socket a re-executed master kept: workers know it."""
         self._senders = senders if senders is not None else frozenset({os.geteuid(), 0})
         self._batch = batch
         self.dropped = 0  # datagrams from other users, or without credentials
+        if adopt is not None:
+            fd, self.address = adopt
+            self._sock = socket.socket(fileno=fd)
+            self._sock.set_inheritable(False)
+            return
         self._sock = socket.socket(
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )
