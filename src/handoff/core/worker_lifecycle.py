@@ -66,18 +66,18 @@ class WorkerLifecycle:
         self, worker: Worker, deadlines: Mapping[TimerKey, float], now: float, out: list[act.Action]
     ) -> None:
         """After a re-exec: take the worker back in the state it had, and re-arm what that
-        state waits for (its settle or drain deadline as it was; a kill is sent again).
-        A starting worker's readiness is the caller's to re-watch."""
+        state waits for (its settle or drain deadline as it was, else a full one; a detach
+        or kill is done again: the crash may have come before it). A starting worker's
+        readiness is the caller's to re-watch."""
         self._workers[worker.pid] = worker
         match worker.state:
             case WorkerState.SETTLING:
-                settle = remaining(deadlines, TimerKey(TimerKind.SETTLE, worker.pid), now)
-                if settle is None:
-                    self.signal_stop(worker, out)
-                else:
-                    out.append(
-                        act.StartTimer(key=TimerKey(TimerKind.SETTLE, worker.pid), delay_s=settle)
-                    )
+                # Taken off the socket again: the crash may have come before the detach.
+                out.append(act.DetachListeners(pid=worker.pid))
+                key = TimerKey(TimerKind.SETTLE, worker.pid)
+                settle = remaining(deadlines, key, now)
+                delay = self._policy.settle_s if settle is None else settle
+                out.append(act.StartTimer(key=key, delay_s=delay))
             case WorkerState.SIGNALLED:
                 key = TimerKey(TimerKind.DRAIN, worker.pid)
                 drain = remaining(deadlines, key, now)

@@ -40,6 +40,7 @@ from handoff.system.sockets import peer_credentials, remove_stale_unix_socket
 MAX_CLIENTS: Final = 64
 MAX_OUTPUT: Final = 1 << 20
 REQUEST_DEADLINE_S: Final = 5.0
+_INTERRUPTED: Final = "interrupted: the master re-executed itself; see 'handoff status'"
 _ACCEPTED: Final = {
     EventName.RELOAD_REQUESTED: "started",
     EventName.RELOAD_QUEUED: "queued",
@@ -193,14 +194,8 @@ class ControlServer:
             case EventName.RELOAD_SUCCEEDED | EventName.RELOAD_FAILED:
                 outcome = view.last_reload
                 if outcome is not None:
-                    result: dict[str, object] = {
-                        "gen": outcome.gen,
-                        "duration_s": outcome.duration_s,
-                    }
-                    if not outcome.ok:
-                        result["reason"] = outcome.reason
                     for client in self._reloads.pop(outcome.gen, []):
-                        self._finish(client, encode("result", ok=outcome.ok, **result))
+                        self._finish(client, _outcome_line(outcome))
             case EventName.MASTER_STOPPING:
                 for client in self._next_reload:
                     self._finish(
@@ -231,7 +226,10 @@ class ControlServer:
         return records
 
     def adopt_clients(self, records: Sequence[ClientRecord]) -> None:
-        """Take back the waiting clients a re-exec handed over."""
+        """Take back the waiting clients a re-exec handed over, once the machine has taken
+        over: a reload that ended meanwhile is answered now, one that did not survive the
+        re-exec is answered as interrupted."""
+        view = self._master.view
         for record in records:
             try:
                 sock = socket.socket(fileno=record.fd)
@@ -242,13 +240,18 @@ class ControlServer:
             client = Client(sock, deadline=float("inf"), answered=True)
             self._clients[record.fd] = client
             self._watch(record.fd, write=False)
-            match record.waiting:
-                case "next-reload":
-                    self._next_reload.append(client)
-                case "reload":
-                    self._reloads.setdefault(GenId(record.gen), []).append(client)
-                case _:
-                    self._upgrades.append(client)
+            running, last = view.reloading(), view.last_reload
+            wanted = GenId(record.gen) if record.waiting == "reload" else running
+            if record.waiting == "upgrade":
+                self._upgrades.append(client)
+            elif wanted is not None and wanted == running:
+                self._reloads.setdefault(wanted, []).append(client)
+            elif last is not None and wanted == last.gen:
+                self._finish(client, _outcome_line(last))
+            elif record.waiting == "next-reload" and view.state is not MasterState.RUNNING:
+                self._next_reload.append(client)  # a queued reload starts later
+            else:
+                self._finish(client, encode("result", ok=False, reason=_INTERRUPTED))
 
     def upgrade_finished(self, **fields: object) -> None:
         """Answer the clients waiting for the upgrade (fields: ok, and what else to say)."""
@@ -407,6 +410,13 @@ class ControlServer:
         if uid in (0, os.geteuid()):
             return True
         return self._group is not None and (gid == self._group or self._group in _groups(pid))
+
+
+def _outcome_line(outcome: ReloadOutcome) -> bytes:
+    result: dict[str, object] = {"gen": outcome.gen, "duration_s": outcome.duration_s}
+    if not outcome.ok:
+        result["reason"] = outcome.reason
+    return encode("result", ok=outcome.ok, **result)
 
 
 def _groups(pid: int) -> set[int]:

@@ -163,9 +163,9 @@ class MasterLoop:
         self._watch_sources()
         for found in resumed.found:
             self._workers.adopt(found.pid)
+        self._feed(resumed)
         if self._control is not None:
             self._control.adopt_clients(self._carried.clients)
-        self._feed(resumed)
         if resumed.reason == "upgrade":
             was = self._carried.version
             emit(EventName.UPGRADE_SUCCEEDED, version=this_version(), was=was)
