@@ -250,9 +250,13 @@ def test_a_missing_command_is_a_usage_error_before_anything_is_bound() -> None:
 def test_ttin_ttou_scale_and_usr2_neither_kills_nor_suspends_the_master(tmp_path: Path) -> None:
     with running(["sleep", "1000"], args=["--ready", "delay:0"]) as master:
         master.wait_ready()
+        workers = master.worker_pids()
         mark = master.mark()
-        master.signal(signal.SIGUSR2)
-        assert master.wait_for("signal.ignored", 10, after=mark)["signal"] == "SIGUSR2"
+        master.signal(signal.SIGUSR2)  # an upgrade to the same code: same pid, same workers
+        assert master.wait_for("upgrade.requested", 10, after=mark)["source"] == "SIGUSR2"
+        master.wait_for("upgrade.succeeded", 30, after=mark)
+        assert master.process.poll() is None
+        assert master.worker_pids() == workers
         for sig, workers in ((signal.SIGTTIN, 2), (signal.SIGTTIN, 3), (signal.SIGTTOU, 2)):
             mark = master.mark()
             master.signal(sig)

@@ -15,7 +15,6 @@ import heapq
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Final, Protocol, assert_never
 
 from handoff.core import actions as act
@@ -31,6 +30,7 @@ from handoff.formats.control_protocol import (
     parse_request,
 )
 from handoff.formats.log_events import EventName, Level
+from handoff.master.control_clients import Client, Placement, Waiting
 from handoff.master.logs import emit
 from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
 from handoff.master.resume_state import ClientRecord
@@ -82,17 +82,6 @@ class ControlledMaster(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class Client:
-    sock: socket.socket
-    deadline: float
-    inbox: bytearray = field(default_factory=bytearray)
-    outbox: bytearray = field(default_factory=bytearray)
-    answered: bool = False  # the request was read; nothing more is read from it
-    closing: bool = False  # close once the outbox is flushed
-    wants_write: bool = False
-
-
 class ControlServer:
     """Owns the control socket and its clients; the loop forwards readiness and reports."""
 
@@ -114,9 +103,7 @@ class ControlServer:
         self._clock = clock
         self._clients: dict[int, Client] = {}
         self._deadlines: list[tuple[float, int]] = []
-        self._next_reload: list[Client] = []  # waiting for the next reload to start
-        self._reloads: dict[GenId, list[Client]] = {}  # clients waiting for that reload's result
-        self._upgrades: list[Client] = []  # clients waiting for the upgrade's result
+        self._waiting = Waiting()
         if listening is not None:
             self._sock = listening
             self._sock.setblocking(False)
@@ -189,41 +176,25 @@ class ControlServer:
             case EventName.RELOAD_REQUESTED:
                 started = view.reloading()
                 if started is not None:
-                    self._reloads.setdefault(started, []).extend(self._next_reload)
-                    self._next_reload = []
+                    self._waiting.reload_started(started)
             case EventName.RELOAD_SUCCEEDED | EventName.RELOAD_FAILED:
                 outcome = view.last_reload
                 if outcome is not None:
-                    for client in self._reloads.pop(outcome.gen, []):
+                    for client in self._waiting.reloads.pop(outcome.gen, []):
                         self._finish(client, _outcome_line(outcome))
             case EventName.MASTER_STOPPING:
-                for client in self._next_reload:
+                waiting, self._waiting.next_reload = self._waiting.next_reload, []
+                for client in waiting:
                     self._finish(
                         client, encode("result", ok=False, reason="cancelled: master stopping")
                     )
-                self._next_reload = []
             case _:
                 pass
         self._progress(report)
 
     def waiting_clients(self) -> list[ClientRecord]:
-        """The clients waiting for a reload's or an upgrade's result, to hand over to the
-        code the master re-executes (a client whose last line cannot be finished now is
-        dropped: it would otherwise read half a line)."""
-        waiting = [(c, "next-reload", 0) for c in self._next_reload]
-        waiting += [(c, "reload", gen) for gen, clients in self._reloads.items() for c in clients]
-        waiting += [(c, "upgrade", 0) for c in self._upgrades]
-        records = []
-        for client, kind, gen in waiting:
-            if client.outbox:
-                with contextlib.suppress(OSError):
-                    client.sock.settimeout(0.5)
-                    client.sock.sendall(client.outbox)
-                    client.outbox.clear()
-                client.sock.setblocking(False)
-            if not client.outbox:
-                records.append(ClientRecord(fd=client.sock.fileno(), waiting=kind, gen=gen))
-        return records
+        """The clients waiting for a result, to hand over across a re-exec."""
+        return self._waiting.records()
 
     def adopt_clients(self, records: Sequence[ClientRecord]) -> None:
         """Take back the waiting clients a re-exec handed over, once the machine has taken
@@ -240,22 +211,18 @@ class ControlServer:
             client = Client(sock, deadline=float("inf"), answered=True)
             self._clients[record.fd] = client
             self._watch(record.fd, write=False)
-            running, last = view.reloading(), view.last_reload
-            wanted = GenId(record.gen) if record.waiting == "reload" else running
-            if record.waiting == "upgrade":
-                self._upgrades.append(client)
-            elif wanted is not None and wanted == running:
-                self._reloads.setdefault(wanted, []).append(client)
-            elif last is not None and wanted == last.gen:
+            last = view.last_reload
+            placed = self._waiting.place(
+                client, record, running=view.reloading(), last=last, state=view.state
+            )
+            if placed is Placement.ANSWER_LAST and last is not None:
                 self._finish(client, _outcome_line(last))
-            elif record.waiting == "next-reload" and view.state is not MasterState.RUNNING:
-                self._next_reload.append(client)  # a queued reload starts later
-            else:
+            elif placed is Placement.INTERRUPTED:
                 self._finish(client, encode("result", ok=False, reason=_INTERRUPTED))
 
     def upgrade_finished(self, **fields: object) -> None:
         """Answer the clients waiting for the upgrade (fields: ok, and what else to say)."""
-        clients, self._upgrades = self._upgrades, []
+        clients, self._waiting.upgrades = self._waiting.upgrades, []
         for client in clients:
             self._finish(client, encode("result", pid=os.getpid(), **fields))
 
@@ -319,7 +286,7 @@ class ControlServer:
                 if reason is not None:
                     self._fail(fd, client, reason)
                 elif request.wait:
-                    self._upgrades.append(client)
+                    self._waiting.upgrades.append(client)
                 else:
                     self._finish(client, encode("result", ok=True, accepted="started"))
             case _:
@@ -330,7 +297,7 @@ class ControlServer:
             self._fail(fd, client, "the master is stopping", "a stopping master does not reload")
             return
         if wait:
-            self._next_reload.append(client)
+            self._waiting.next_reload.append(client)
         answer = self._master.submit(ev.ReloadRequested(source="control"))
         if not wait:
             accepted = next((_ACCEPTED[r.event] for r in answer if r.event in _ACCEPTED), "queued")
@@ -338,7 +305,8 @@ class ControlServer:
 
     def _progress(self, report: act.Report) -> None:
         gen = report.fields.get("gen")
-        if report.event not in PROGRESS_EVENTS or not self._reloads or not isinstance(gen, int):
+        reloads = self._waiting.reloads
+        if report.event not in PROGRESS_EVENTS or not reloads or not isinstance(gen, int):
             return
         message = progress_message(report, self._master.view.generation(GenId(gen)))
         if message is None:
@@ -346,9 +314,9 @@ class ControlServer:
         line = encode("progress", event=report.event.value, gen=gen, message=message)
         if report.event is EventName.GENERATION_DRAINING:
             # The old generation's draining belongs to the reload in progress.
-            targets = [c for waiting in self._reloads.values() for c in waiting]
+            targets = self._waiting.all_reloads()
         else:
-            targets = list(self._reloads.get(GenId(gen), []))
+            targets = list(reloads.get(GenId(gen), []))
         for client in targets:
             self._send(client, line)
 
@@ -394,11 +362,7 @@ class ControlServer:
         client = self._clients.pop(fd, None)
         if client is None:
             return
-        self._next_reload = [c for c in self._next_reload if c is not client]
-        self._upgrades = [c for c in self._upgrades if c is not client]
-        for waiting in self._reloads.values():
-            if client in waiting:
-                waiting.remove(client)
+        self._waiting.forget(client)
         self._sources.unwatch(fd)
         client.sock.close()
 
