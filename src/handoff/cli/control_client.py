@@ -1,11 +1,13 @@
 """Talk to a running master over its control socket (``handoff reload/status/stop/scale``).
 
-Finds the socket (--control, --pidfile or --name), sends one request
+Finds the socket (--control, --pidfile or --name), checks who answers there (SO_PEERCRED:
+ourselves, root, or the owner of a path no one else could have made), sends one request
 line and yields the JSON lines that come back, within a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,6 +18,8 @@ from typing import Final
 from handoff.errors import HandoffError
 from handoff.formats.control_protocol import VERSION
 from handoff.formats.options import default_control_path
+from handoff.system.runtime_files import untrusted_peer
+from handoff.system.sockets import peer_credentials
 
 LOCATE_HINT: Final = "is it running? name it with --control PATH, --pidfile FILE or --name NAME"
 _LISTENING: Final = 0x00010000  # __SO_ACCEPTCON in /proc/net/unix's Flags column
@@ -82,7 +86,10 @@ def exchange(
                 f"permission denied on {path}",
                 hint="run as the master's user or root (or a --control-group member)",
             ) from None
-        sock.sendall((json.dumps({"v": VERSION, **request}) + "\n").encode())
+        _check_peer(sock, path)
+        # Refused before our request arrived: its error line is still there to read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall((json.dumps({"v": VERSION, **request}) + "\n").encode())
         pending = b""
         while True:
             # A non-positive timeout would mean "block"; time left is at least 1 ms.
@@ -102,6 +109,19 @@ def exchange(
         raise HandoffError(f"the master at {path} closed the connection") from None
     finally:
         sock.close()
+
+
+def _check_peer(sock: socket.socket, path: str) -> None:
+    """Talk only to a master we may believe: anyone could have made a socket at a path
+    we did not choose (docs/control.md, "Who answers")."""
+    _, uid, _ = peer_credentials(sock)
+    reason = untrusted_peer(path, uid, os.geteuid())
+    if reason is not None:
+        raise HandoffError(
+            f"not trusting the process at {path}: {reason}",
+            hint="someone else may have made this socket; a master of another user must "
+            "listen in a directory only it or root can write (--control PATH)",
+        )
 
 
 def wait_for_exit(pid: int, timeout_s: float) -> bool:

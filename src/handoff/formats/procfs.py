@@ -1,17 +1,20 @@
 """Reading what /proc says about a process waiting for connections.
 
-Pure: parsers of the text and bytes that ``system/accepting_scan.py`` reads, no I/O here. Linux
-shows which files an epoll instance watches (``/proc/PID/fdinfo/EPFD``, one ``tfd:`` line
-per registration, with the target's inode in hex), and which system call a thread is
-blocked in (``/proc/PID/task/TID/syscall``: the number and its six arguments). Together
-they tell whether a process is really waiting for connections on a given socket, with no
-cooperation from the application.
+Pure: parsers of the text and bytes that ``system/accepting_scan.py``, ``system/detach.py``
+and ``system/process_tree.py`` read, no I/O here. Linux shows which files an epoll
+instance watches (``/proc/PID/fdinfo/EPFD``, one ``tfd:`` line per registration, with the
+target's inode in hex), and which system call a thread is blocked in
+(``/proc/PID/task/TID/syscall``: the number and its six arguments). Together they tell
+whether a process is really waiting for connections on a given socket, with no
+cooperation from the application. ``/proc/PID/stat`` and ``/proc/PID/task/TID/children``
+give the process tree, ``/proc/net/tcp`` the connections.
 """
 
 from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -44,6 +47,11 @@ _TFD = re.compile(r"^tfd:\s*(\d+)\s.*?\bino:([0-9a-f]+)", re.MULTILINE)
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 POLLFD: Final = struct.Struct("=ihh")  # struct pollfd: int fd; short events; short revents
 POLLIN: Final = 0x001
+# A root master reads these arrays out of worker-controlled memory: a bigger one is not
+# a server waiting on a few listening sockets, and parsing it would stall the loop.
+MAX_POLL_ENTRIES: Final = 4096
+MAX_SELECT_FDS: Final = 65536
+TCP_ESTABLISHED: Final = 0x01
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +111,121 @@ def fd_set_members(memory: bytes, nfds: int) -> list[int]:
 def select_reads(call: BlockedCall) -> tuple[int, int] | None:
     """For a select-like call: (address of the read fd_set, its size in bytes)."""
     nfds, readfds = call.args[0], call.args[1]
-    if call.kind is not WaitKind.SELECT or readfds == 0 or not 0 < nfds <= 65536:
+    if call.kind is not WaitKind.SELECT or readfds == 0 or not 0 < nfds <= MAX_SELECT_FDS:
         return None
     return readfds, (nfds + 7) // 8
 
 
+@dataclass(frozen=True, slots=True)
+class FdSetWindow:
+    """The bytes of a select call's read fd_set that hold the watched fds' bits."""
+
+    address: int
+    size: int
+    first_fd: int  # the fd of the window's first bit
+
+    def members(self, memory: bytes, fds: Collection[int]) -> set[int]:
+        """Which of fds are set in the window's bytes."""
+        found = set()
+        for fd in fds:
+            bit = fd - self.first_fd
+            if 0 <= bit < len(memory) * 8 and memory[bit // 8] >> (bit % 8) & 1:
+                found.add(fd)
+        return found
+
+
+def select_window(call: BlockedCall, watched: Collection[int]) -> FdSetWindow | None:
+    """Where the bits of the watched fds are in a select call's read fd_set (None: nowhere).
+
+    Only the bytes that can hold a watched fd are read: a few bytes instead of up to 8 KiB
+    of the worker's memory per thread.
+    """
+    span = select_reads(call)
+    nfds = call.args[0]
+    candidates = [fd for fd in watched if 0 <= fd < nfds]
+    if span is None or not candidates:
+        return None
+    first_byte, last_byte = min(candidates) // 8, max(candidates) // 8
+    return FdSetWindow(span[0] + first_byte, last_byte - first_byte + 1, first_byte * 8)
+
+
 def poll_array(call: BlockedCall) -> tuple[int, int] | None:
-    """For a poll-like call: (address of the pollfd array, its size in bytes)."""
+    """For a poll-like call: (address of the pollfd array, its size in bytes).
+
+    None for an array of more than MAX_POLL_ENTRIES: it is skipped, not parsed.
+    """
     address, count = call.args[0], call.args[1]
-    if call.kind is not WaitKind.POLL or address == 0 or not 0 < count <= 65536:
+    if call.kind is not WaitKind.POLL or address == 0 or not 0 < count <= MAX_POLL_ENTRIES:
         return None
     return address, count * POLLFD.size
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """What the master needs from /proc/PID/stat."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    started: int  # clock ticks after boot: with the pid, names one process for good
+
+
+def parse_stat(text: str) -> ProcStat | None:
+    """Parse /proc/PID/stat. The command name (2nd field) may hold spaces and ')', so the
+    fields are counted from the last ')'."""
+    head, paren, tail = text.rpartition(")")
+    pid_text = head.partition(" (")[0]
+    fields = tail.split()
+    if not paren or not pid_text.isdigit() or len(fields) < 20:
+        return None
+    try:
+        return ProcStat(
+            pid=int(pid_text),
+            state=fields[0],
+            ppid=int(fields[1]),
+            pgrp=int(fields[2]),
+            started=int(fields[19]),
+        )
+    except ValueError:
+        return None
+
+
+def child_pids(text: str) -> list[int]:
+    """Parse /proc/PID/task/TID/children: the pids of that thread's children."""
+    return [int(field) for field in text.split() if field.isdigit()]
+
+
+def placement_rounds(targets: Collection[EpollTarget]) -> list[list[EpollTarget]]:
+    """Split registrations so no fd number appears twice in a round.
+
+    An epoll set can hold two registrations under one fd number (the process registered
+    the number, then dup2'd another socket onto it): each needs its own socket on that
+    number when EPOLL_CTL_DEL runs, so they go in separate rounds. Repeats are dropped.
+    """
+    rounds: list[list[EpollTarget]] = []
+    for target in dict.fromkeys(targets):
+        for current in rounds:
+            if all(other.fd != target.fd for other in current):
+                current.append(target)
+                break
+        else:
+            rounds.append([target])
+    return rounds
+
+
+def established_inodes(tcp_table: str, ports: Collection[int]) -> set[int]:
+    """From /proc/net/tcp or tcp6: the socket inodes of established connections whose
+    local port is one of ports (connections accepted on the listening sockets)."""
+    inodes: set[int] = set()
+    for line in tcp_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        _, _, port = fields[1].rpartition(":")
+        try:
+            if int(fields[3], 16) == TCP_ESTABLISHED and int(port, 16) in ports:
+                inodes.add(int(fields[9]))
+        except ValueError:
+            continue
+    return inodes

@@ -35,7 +35,8 @@ from handoff.master.logs import emit
 from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
 from handoff.master.resume_state import ClientRecord
 from handoff.master.sources import Source, Sources, Watch
-from handoff.system.sockets import peer_credentials, remove_stale_unix_socket
+from handoff.system.runtime_files import FileId, close_unix_socket
+from handoff.system.sockets import bind_control_socket, peer_credentials, peer_groups
 
 MAX_CLIENTS: Final = 64
 MAX_OUTPUT: Final = 1 << 20
@@ -104,21 +105,12 @@ class ControlServer:
         self._clients: dict[int, Client] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._waiting = Waiting()
+        self._file: FileId | None = None  # after a re-exec: the kernel is asked at close
         if listening is not None:
             self._sock = listening
             self._sock.setblocking(False)
             return
-        remove_stale_unix_socket(path, f"--control {path}")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        previous = os.umask(0o177 if group is None else 0o117)
-        try:
-            self._sock.bind(path)
-        finally:
-            os.umask(previous)
-        if group is not None:
-            os.chown(path, -1, group)
-        self._sock.listen(MAX_CLIENTS)
-        self._sock.setblocking(False)
+        self._sock, self._file = bind_control_socket(path, group, MAX_CLIENTS)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -232,9 +224,7 @@ class ControlServer:
                 with contextlib.suppress(OSError):
                     client.sock.send(error_line("the master exited"))
             self._drop(fd)
-        self._sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        close_unix_socket(self._sock, self.path, self._file)  # a successor's file stays
 
     # -- requests ----------------------------------------------------------------------
 
@@ -373,7 +363,9 @@ class ControlServer:
         pid, uid, gid = peer_credentials(sock)
         if uid in (0, os.geteuid()):
             return True
-        return self._group is not None and (gid == self._group or self._group in _groups(pid))
+        return self._group is not None and (
+            gid == self._group or self._group in peer_groups(sock, pid)
+        )
 
 
 def _outcome_line(outcome: ReloadOutcome) -> bytes:
@@ -381,15 +373,3 @@ def _outcome_line(outcome: ReloadOutcome) -> bytes:
     if not outcome.ok:
         result["reason"] = outcome.reason
     return encode("result", ok=outcome.ok, **result)
-
-
-def _groups(pid: int) -> set[int]:
-    """The supplementary groups of a process, from /proc."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()

@@ -16,6 +16,8 @@ from handoff.core.snapshot import MachineSnapshot
 from handoff.master.failpoints import Failpoints
 from handoff.master.resume_state import ClientRecord, ListenerRecord, ResumeState, this_version
 from handoff.master.sources import NotifySource, WardenHandle
+from handoff.master.status import add_counters
+from handoff.system.output_relay import OutputRelay
 from handoff.system.sockets import Listener
 
 
@@ -36,10 +38,20 @@ class Holdings:
     listeners: Sequence[Listener]
     notify: NotifySource
     warden: WardenHandle
+    relay: OutputRelay | None = None
     worker_fd_limit: int | None = None
     control_socket: socket.socket | None = None
     failpoints: Failpoints = field(default_factory=Failpoints)
     carried: Carried | None = None  # None: a fresh start
+
+    def counters(self, log_lines_dropped: int) -> dict[str, int]:
+        """What status counts: this master's own, the relay's, and what was carried."""
+        relay_dropped = self.relay.dropped() if self.relay is not None else 0
+        return add_counters(
+            self.carried.counters if self.carried is not None else {},
+            log_lines_dropped=log_lines_dropped + relay_dropped,
+            notify_datagrams_dropped=self.notify.dropped,
+        )
 
     def capture(
         self,
@@ -61,6 +73,9 @@ class Holdings:
             notify_address=self.notify.address,
             warden_pid=self.warden.pid,
             warden_lifeline=self.warden.lifeline,
+            relay=None
+            if self.relay is None
+            else (self.relay.pid, self.relay.counter, *self.relay.originals),
             control_fd=None if control is None else control[0],
             clients=() if control is None else control[1],
             machine=machine,

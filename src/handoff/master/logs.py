@@ -5,9 +5,11 @@ Event names are stable dotted identifiers, catalogued in docs/events.md.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import stat
 import sys
 from typing import Final, TextIO
 
@@ -41,6 +43,18 @@ class LineWriter:
             self._fd: int | None = stream.fileno()
         except (OSError, io.UnsupportedOperation):
             self._fd = None  # an in-memory stream (tests): nothing else writes to it
+
+    def own_description(self) -> None:
+        """Write through an open file description of the master's own, non-blocking, when
+        stderr is a pipe (the output relay's): a worker that makes its inherited stderr
+        non-blocking, or a stalled reader, then costs a dropped line, never a blocked
+        loop (EAGAIN is dropped and counted like EPIPE)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.fstat(self._fd).st_mode):
+                flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                self._fd = os.open(f"/proc/self/fd/{self._fd}", flags)
 
     def msg(self, message: str) -> None:
         line = message + "\n"

@@ -38,7 +38,7 @@ from handoff.master.sources import (
     Wakeup,
     Watch,
 )
-from handoff.master.status import add_counters, build_status, process_title
+from handoff.master.status import build_status, process_title
 from handoff.master.system import System
 from handoff.master.systemd import SystemdGlue
 from handoff.master.upgrade import Upgrades
@@ -76,6 +76,8 @@ class MasterLoop:
         self._inbox = inbox
         self._notify = holdings.notify
         self._warden = holdings.warden
+        relay = holdings.relay
+        self._helpers = {self._warden.pid, *([relay.pid] if relay else [])}  # not strays
         self._log = log
         worker_fd_limit = holdings.worker_fd_limit
         self._machine = Supervisor(Policy.from_config(config))
@@ -119,12 +121,7 @@ class MasterLoop:
 
     def counters(self) -> dict[str, int]:
         """What status counts, carried across re-execs."""
-        dropped = self._log.dropped if self._log is not None else 0
-        return add_counters(
-            self._carried.counters,
-            log_lines_dropped=dropped,
-            notify_datagrams_dropped=self._notify.dropped,
-        )
+        return self._holdings.counters(self._log.dropped if self._log is not None else 0)
 
     def upgrade(self, source: str) -> str | None:
         """Start an upgrade's pre-flight (or join the one running); why not, if refused."""
@@ -271,7 +268,7 @@ class MasterLoop:
             self.upgrade(source=sig.name)
         elif sig is signal.SIGCHLD:
             tracked = {*self._workers.pids(), *self._probes.pids(), *self._upgrades.pids()}
-            for pid in self._system.reap_strays({*tracked, self._warden.pid}):
+            for pid in self._system.reap_strays(tracked | self._helpers):
                 emit(EventName.STRAY_REAPED, Level.DEBUG, pid=pid)
 
     def _on_notify(self) -> None:
@@ -303,7 +300,7 @@ class MasterLoop:
             signal_and_wait(self._workers.children(), self._config.stop_signal, drain)
         self._workers.kill_all()
         self._probes.kill_all()
-        for pid in self._system.kill_strays({self._warden.pid}):
+        for pid in self._system.kill_strays(self._helpers):
             emit(EventName.STRAY_KILLED, Level.WARNING, pid=pid)
         if self._control is not None:
             self._control.close()

@@ -27,15 +27,40 @@ from handoff.system.accepting_scan import ProcUnreadable
 from handoff.system.children import Child, SpawnRequest
 from handoff.system.sockets import Listener
 
+# How long a worker whose tree /proc will not show is left unscanned: it is only tried
+# again later (a uid change or a short-lived setuid helper passes), never given up on.
+UNSEEABLE_FOR_S = 1.0
+
+_UNAVAILABLE_HINT = (
+    "--ready auto cannot see this worker (another user, hidepid, or a non-dumpable process: "
+    "setuid, file capabilities, prctl PR_SET_DUMPABLE); READY=1 still counts for it, and "
+    "auto still works for the others; or choose --ready notify, delay:SECONDS or exec:COMMAND"
+)
+_SKIPPED_HINT = (
+    "processes of the tree that /proc will not show (non-dumpable: setuid, file "
+    "capabilities, prctl PR_SET_DUMPABLE; another user) are skipped; the rest is scanned"
+)
+_BLIND_HINT = (
+    "/proc/PID/task/*/syscall and /proc/PID/mem need ptrace-attach access: "
+    "kernel.yama.ptrace_scope 2 or 3, or an LSM (AppArmor, SELinux) refuses it, so servers "
+    "waiting in accept, poll or select are not seen (epoll still is); lower ptrace_scope to "
+    "1, allow ptrace in the LSM policy, or have the server send READY=1"
+)
+
 
 @dataclass(slots=True)
 class Probe:
+    worker: Pid
     child: Child
     cancelled: bool = False
 
 
 class Probes:
-    """Running probes by worker pid, and the listening sockets' inodes for /proc."""
+    """Running probes by their own pid, and the listening sockets' inodes for /proc.
+
+    Keyed by the probe's pid, not the worker's: a cancelled probe can outlive its worker,
+    whose pid may then name a new worker with a probe of its own.
+    """
 
     def __init__(
         self,
@@ -54,12 +79,13 @@ class Probes:
         self._environ = dict(environ)
         # inode -> the master's fd: how /proc names our sockets in a worker's tables.
         self._listener_inodes = {os.fstat(lst.fileno()).st_ino: lst.fileno() for lst in listeners}
-        self._proc_unreadable = False
+        self._unseeable: dict[Pid, float] = {}  # worker -> when to scan it again
+        self._warned: set[EventName | str] = set()
         self._running: dict[Pid, Probe] = {}
 
     def pids(self) -> list[Pid]:
         """The probe processes' own pids (they are the master's children too)."""
-        return [probe.child.pid for probe in self._running.values()]
+        return list(self._running)
 
     def run(self, worker: Pid, gen: GenId, slot: int) -> ev.ProbeFinished | None:
         """Start one probe of the worker: a scan answers at once, a command when it exits."""
@@ -80,44 +106,62 @@ class Probes:
             )
         except SpawnError as exc:
             return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)
-        self._running[worker] = Probe(child)
-        self._sources.watch(child.pidfd, Watch(Source.PROBE, worker))
+        self._running[child.pid] = Probe(worker, child)
+        # The watch names the probe (see the class docstring); the loop hands it to on_exit.
+        self._sources.watch(child.pidfd, Watch(Source.PROBE, child.pid))
         return None
 
     def _scan(self, worker: Pid) -> ev.ProbeFinished:
         """--ready auto: is a process of the worker's tree waiting on a handed socket?"""
-        if self._proc_unreadable:
-            return ev.ProbeFinished(pid=worker, ok=False)
+        now = self._system.clock()
+        self._unseeable = {pid: until for pid, until in self._unseeable.items() if until > now}
+        if worker in self._unseeable:
+            return ev.ProbeFinished(pid=worker, ok=False, detail="/proc cannot be read")
         try:
             found = self._system.scan(worker, self._listener_inodes)
         except ProcUnreadable as exc:
-            self._proc_unreadable = True
-            emit(
-                EventName.READINESS_UNAVAILABLE,
-                Level.WARNING,
-                reason=str(exc),
-                hint="--ready auto cannot see the workers; READY=1 still counts, "
-                "or choose --ready notify, delay:SECONDS or exec:COMMAND",
-            )
-            return ev.ProbeFinished(pid=worker, ok=False)
+            self._unseeable[worker] = now + UNSEEABLE_FOR_S
+            self._warn_once(EventName.READINESS_UNAVAILABLE, worker, str(exc), _UNAVAILABLE_HINT)
+            return ev.ProbeFinished(pid=worker, ok=False, detail=str(exc))
+        if found.unreadable:
+            pids = ", ".join(map(str, found.unreadable))
+            reason = f"skipped processes whose /proc cannot be read: {pids}"
+            self._warn_once("skipped", worker, reason, _SKIPPED_HINT)
+        if found.blind:
+            pids = ", ".join(map(str, found.blind))
+            reason = f"reading /proc/PID/task/*/syscall or mem was refused for {pids}"
+            self._warn_once("blind", worker, reason, _BLIND_HINT)
         return ev.ProbeFinished(pid=worker, ok=found.accepting > 0, detail=found.describe())
 
-    def cancel(self, worker: Pid) -> None:
-        probe = self._running.get(worker)
-        if probe is not None and not probe.cancelled:
-            probe.cancelled = True
-            self._system.kill_tree(probe.child.pid)
+    def _warn_once(self, cause: EventName | str, worker: Pid, reason: str, hint: str) -> None:
+        """Each cause is logged once per master: it is the host's setup, not the worker's."""
+        if cause in self._warned:
+            return
+        self._warned.add(cause)
+        name = cause if isinstance(cause, EventName) else EventName.READINESS_LIMITED
+        emit(name, Level.WARNING, pid=worker, reason=reason, hint=hint)
 
-    def on_exit(self, worker: Pid) -> ev.ProbeFinished | None:
-        """A probe's pidfd is readable: reap it; its exit status answers (unless cancelled)."""
-        probe = self._running[worker]
+    def cancel(self, worker: Pid) -> None:
+        for probe in self._running.values():
+            if probe.worker == worker and not probe.cancelled:
+                probe.cancelled = True
+                self._system.kill_tree(probe.child.pid)
+
+    def on_exit(self, probe_pid: Pid) -> ev.ProbeFinished | None:
+        """A probe's pidfd is readable: reap it; its exit status answers (unless cancelled).
+
+        probe_pid is the probe's own pid (its watch's). An unknown one is ignored.
+        """
+        probe = self._running.get(probe_pid)
+        if probe is None:
+            return None
         status = reap_watched(self._system, self._sources, probe.child)
         if status is None:
             return None
-        del self._running[worker]
+        del self._running[probe_pid]
         if probe.cancelled:
             return None
-        return ev.ProbeFinished(pid=worker, ok=status.success, detail=status.describe())
+        return ev.ProbeFinished(pid=probe.worker, ok=status.success, detail=status.describe())
 
     def kill_all(self) -> None:
         """At shutdown: kill and reap every probe still running."""
@@ -139,4 +183,7 @@ class Probes:
         }
         if result.reason:
             fields["reason"] = result.reason
+        if result.results:
+            fields["detached"] = result.detached
+            fields["failed"] = [{"pid": r.pid, "reason": r.error} for r in result.failed]
         emit(EventName.WORKER_DETACHED, **fields)

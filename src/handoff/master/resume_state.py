@@ -81,6 +81,7 @@ class ResumeState:
     notify_address: str
     warden_pid: int
     warden_lifeline: int
+    relay: tuple[int, int, int, int] | None = None  # pid, counter memfd, original fd 1 and 2
     control_fd: int | None = None
     clients: tuple[ClientRecord, ...] = ()
     machine: MachineSnapshot | None = None
@@ -97,6 +98,8 @@ class ResumeState:
         fds += [client.fd for client in self.clients]
         if self.control_fd is not None:
             fds.append(self.control_fd)
+        if self.relay is not None:
+            fds += [fd for fd in self.relay[1:] if fd >= 0]
         return fds
 
     def to_json(self) -> bytes:
@@ -124,6 +127,7 @@ class ResumeState:
                 notify_address=str(data["notify_address"]),
                 warden_pid=int(data["warden_pid"]),
                 warden_lifeline=int(data["warden_lifeline"]),
+                relay=None if data["relay"] is None else _four(data["relay"]),
                 control_fd=None if data["control_fd"] is None else int(data["control_fd"]),
                 clients=tuple(ClientRecord(**item) for item in data["clients"]),
                 machine=None if machine is None else MachineSnapshot.from_dict(machine),
@@ -151,6 +155,11 @@ def _listener(item: dict[str, object]) -> ListenerRecord:
         name=str(item["name"]),
         created_path=None if item.get("created_path") is None else str(item["created_path"]),
     )
+
+
+def _four(value: list[object]) -> tuple[int, int, int, int]:
+    pid, counter, out, err = (int(v) for v in value)  # type: ignore[call-overload]
+    return pid, counter, out, err
 
 
 def _get(data: object, key: str) -> object:

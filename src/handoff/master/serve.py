@@ -8,7 +8,6 @@ sockets close last, after every worker is gone.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -16,7 +15,7 @@ import socket
 from handoff.core import events as ev
 from handoff.core.snapshot import SnapshotError
 from handoff.errors import HandoffError
-from handoff.formats.log_events import EventName
+from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD, expand_placeholders
 from handoff.master import resume_state
@@ -28,7 +27,8 @@ from handoff.master.resume_state import ResumeState
 from handoff.master.system import RealSystem
 from handoff.master.systemd import sync_fd_store
 from handoff.master.takeover import after_crash, stop_orphans, take_over
-from handoff.system import children, systemd_sockets
+from handoff.system import children, runtime_files, systemd_sockets
+from handoff.system.output_relay import start_relay
 from handoff.system.signals import HANDLED, SignalInbox
 from handoff.system.sockets import close_listeners, default_backlog, open_listeners
 from handoff.system.warden import start_warden
@@ -63,6 +63,8 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
     # The warden is forked before any socket exists, so it never holds the port.
     if run_config.control_path is not None:
         _prepare_control_directory(run_config.control_path)
+    relay = start_relay(run_config.name)
+    log.own_description()
     warden = start_warden(run_config.name)
     inbox = SignalInbox()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
@@ -102,6 +104,7 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
             listeners=listeners,
             notify=notify,
             warden=warden,
+            relay=relay,
             worker_fd_limit=worker_fd_limit,
             failpoints=failpoints,
         )
@@ -121,15 +124,19 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
         _remove_pidfile(run_config.pidfile)
         warden.release()
     emit(EventName.MASTER_EXITED, exit_code=code, reason=reason)
+    if relay is not None:
+        relay.finish()
     return code, reason
 
 
 def _serve_handed(run_config: RunConfig, log: LineWriter, state: ResumeState) -> tuple[int, str]:
     """The same master, re-executed in place: take over what the old code handed over."""
     handed = take_over(state, run_config)
+    log.own_description()
     inbox = SignalInbox()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     try:
+        _write_pidfile(run_config.pidfile, resumed=True)
         children.become_subreaper()
         loop = MasterLoop(
             run_config,
@@ -147,6 +154,8 @@ def _serve_handed(run_config: RunConfig, log: LineWriter, state: ResumeState) ->
         _remove_pidfile(run_config.pidfile)
         handed.warden.release()
     emit(EventName.MASTER_EXITED, exit_code=code, reason=reason)
+    if handed.holdings.relay is not None:
+        handed.holdings.relay.finish()
     return code, reason
 
 
@@ -164,44 +173,24 @@ def _run(
         notify.close()
 
 
-def _write_pidfile(path: str | None) -> None:
+def _write_pidfile(path: str | None, *, resumed: bool = False) -> None:
+    """Lock and write the pidfile (system/runtime_files.py). resumed: a master re-executed
+    in place takes it back; failing that must not stop it (its workers serve on)."""
     if path is None:
         return
     try:
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="ascii") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise HandoffError(
-            f"cannot write --pidfile {path}: {exc.strerror}",
-            hint="check the directory exists and is writable",
-        ) from None
+        runtime_files.hold_pidfile(path)
+    except HandoffError as exc:
+        if not resumed:
+            raise
+        emit(EventName.PIDFILE_LOST, Level.WARNING, path=path, error=exc.message)
 
 
 def _remove_pidfile(path: str | None) -> None:
-    if path is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        with open(path, encoding="ascii") as f:
-            if int(f.read().strip()) != os.getpid():
-                return  # a successor's pidfile
-        os.unlink(path)
+    if path is not None:
+        runtime_files.release_pidfile(path)  # only if still ours; a successor's stays
 
 
 def _prepare_control_directory(path: str) -> None:
-    """Create the control socket's directory (0700) if missing; refuse one we do not own."""
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        owner = os.stat(directory).st_uid
-    except OSError as exc:
-        raise HandoffError(
-            f"cannot create the control socket directory {directory}: {exc.strerror}",
-            hint="choose another place with --control PATH",
-        ) from None
-    if owner not in (os.geteuid(), 0):
-        raise HandoffError(
-            f"the control socket directory {directory} belongs to another user",
-            hint="choose another place with --control PATH",
-        )
+    """Create the control socket's directory if missing; refuse one others could use."""
+    runtime_files.prepare_control_directory(path, os.environ)

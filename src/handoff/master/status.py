@@ -1,8 +1,8 @@
 """What ``handoff status`` shows: the master, its generations and workers, as plain data.
 
 Built on request from the machine's records, the master's settings and
-psutil's view of each worker's process tree (CPU, RSS, connections on the listening
-ports).
+each worker's process tree (CPU and RSS from psutil; connections on the listening ports
+from one read of /proc/net/tcp and tcp6, matched against the tree's socket fds).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from handoff.core.machine import Supervisor
 from handoff.core.model import GenerationState
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD
-from handoff.system.process_tree import tree_usage
+from handoff.system.process_tree import connection_inodes, tree_usage
 from handoff.system.sockets import Listener
 
 
@@ -30,12 +30,13 @@ def build_status(
     counters: Mapping[str, int] | None = None,
 ) -> dict[str, object]:
     """counters: what the master counts (``add_counters``), shown as they are."""
-    ports = listening_ports(listeners)
+    # One parse of the TCP tables per status, not one per process of every tree.
+    connections = connection_inodes(listening_ports(listeners))
     generations = []
     for gen in machine.generations.values():
         workers = []
         for worker in sorted(gen.workers.values(), key=lambda w: w.slot):
-            usage = tree_usage(worker.pid, ports)
+            usage = tree_usage(worker.pid, connections)
             workers.append(
                 {
                     "worker": worker.slot,

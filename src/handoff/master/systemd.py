@@ -16,6 +16,7 @@ from handoff.core import actions as act
 from handoff.core.machine import Supervisor
 from handoff.core.model import GenerationState
 from handoff.formats.log_events import EventName
+from handoff.formats.options import BindKind
 from handoff.formats.worker_contract import FDSTORE_PREFIX
 from handoff.master.logs import emit
 from handoff.system.sockets import Listener
@@ -100,8 +101,8 @@ def sync_fd_store(
     the stored sockets that no --bind uses any more (their port closes).
 
     A crashed or restarted master then gets the same sockets back (with
-    FileDescriptorStoreMax= > 0 in the unit): the port never closes. Sockets a .socket
-    unit passed are systemd's already.
+    FileDescriptorStoreMax= > 0 in the unit): the port never closes, and a unix socket's
+    file is never removed. Sockets a .socket unit passed are systemd's already.
     """
     notifier = SystemdNotifier.from_environment(environ)
     if notifier is None:
@@ -114,7 +115,15 @@ def sync_fd_store(
             if listener.spec.name and not listener.spec.name.startswith(FDSTORE_PREFIX):
                 continue
             name = store_name(listener.spec)
+            if listener.spec.kind is not BindKind.FD:
+                # Bound anew: a socket stored under this name before (its file since
+                # removed) must not come back next time instead of this one.
+                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
             if notifier.store_fd(listener.fileno(), name):
+                # The stored socket outlives this master and is served again through its
+                # path after a restart: the file must stay. After a stop, the next
+                # start finds it refusing connections and replaces it (stale).
+                listener.created_path = None
                 emit(EventName.LISTENER_STORED, address=listener.address, name=name)
     finally:
         notifier.close()

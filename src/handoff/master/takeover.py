@@ -35,6 +35,7 @@ from handoff.master.reexec import CRASH_LOOP_WINDOW_S, crash_loop, exec_in_place
 from handoff.master.resume_state import ResumeState
 from handoff.system import adoption, children, process_tree
 from handoff.system.children import Child
+from handoff.system.output_relay import OutputRelay
 from handoff.system.warden import Warden
 from handoff.system.worker_notify import NotifyServer
 
@@ -86,12 +87,17 @@ def take_over(state: ResumeState, config: RunConfig) -> Handed:
     if state.control_fd is not None:
         control_socket = socket.socket(fileno=state.control_fd)
         control_socket.set_inheritable(False)
-    found = _found_workers(state.machine, warden.pid)
+    found = _found_workers(state.machine, {warden.pid, *(state.relay or (0,))[:1]})
     snapshot = state.machine or snapshot_from_children(found, config.workers)
+    relay = None
+    if state.relay is not None:
+        pid, counter, out, err = state.relay
+        relay = OutputRelay.adopt(pid, counter, (out, err))
     holdings = Holdings(
         listeners=[record.adopt() for record in state.listeners],
         notify=notify,
         warden=warden,
+        relay=relay,
         worker_fd_limit=state.worker_fd_limit,
         control_socket=control_socket,
         failpoints=Failpoints(state.failpoints),
@@ -107,7 +113,7 @@ def take_over(state: ResumeState, config: RunConfig) -> Handed:
     return Handed(holdings, warden, notify, resumed)
 
 
-def _found_workers(snapshot: MachineSnapshot | None, warden: Pid) -> list[FoundWorker]:
+def _found_workers(snapshot: MachineSnapshot | None, helpers: set[int]) -> list[FoundWorker]:
     """The children that are workers: the snapshot names them, or their environment does
     (and they lead their own session, as every worker does: an orphan that inherited a
     worker's environment does not)."""
@@ -118,7 +124,7 @@ def _found_workers(snapshot: MachineSnapshot | None, warden: Pid) -> list[FoundW
     }
     found: list[FoundWorker] = []
     for pid in adoption.children_of_self():
-        if pid == warden:
+        if pid in helpers:  # the warden, the output relay
             continue
         if pid in listed:
             gen, slot = listed[pid]

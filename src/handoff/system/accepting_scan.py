@@ -1,11 +1,20 @@
 """Is a worker really waiting for connections on the handed socket? Ask /proc.
 
-For ``--ready auto``: a process of the worker's tree counts as
-accepting when the listening socket (same inode as the master's) is registered in one of
-its epoll sets, or one of its threads is blocked in accept/accept4 on it, or in
-poll/ppoll/select/pselect6 over it (the fd arrays are read from /proc/PID/mem, which the
-master may read as the parent of the tree or as root). A scan reads a few small files per
-process: well under a millisecond for a small tree.
+For ``--ready auto``: a process of the worker's tree counts as accepting when the
+listening socket (same inode as the master's) is registered in one of its epoll sets, or
+one of its threads is blocked in accept/accept4 on it, or in poll/ppoll/select/pselect6
+over it (the fd arrays are read from /proc/PID/mem, which the master may read as the
+parent of the tree or as root).
+
+What a scan costs: the tree walk (process_tree.py), then per process a listdir and a
+readlink per fd, the fdinfo of each epoll fd and, if it holds the socket, the syscall
+file of each thread and a few bytes of memory per blocked thread. Memory reads are
+budgeted per scan and poll arrays over MAX_POLL_ENTRIES are skipped, so a worker cannot
+make its (possibly root) master read or parse much of its memory.
+
+A process whose /proc cannot be read (another user, non-dumpable: setuid or file
+capabilities, prctl PR_SET_DUMPABLE 0) is skipped and counted, not fatal: the rest of the
+tree is still seen. Only a tree of which nothing can be read raises ProcUnreadable.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import contextlib
 import os
 import platform
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from handoff.core.model import Pid
@@ -23,19 +32,60 @@ from handoff.formats.procfs import (
     WaitKind,
     blocked_call,
     epoll_targets,
-    fd_set_members,
     poll_array,
     pollfds,
-    select_reads,
+    select_window,
     socket_inode,
 )
-from handoff.system.process_tree import descendants
+from handoff.system.process_tree import PROC, tree
 
 _MACHINE: Final = platform.machine()
+MEMORY_BUDGET: Final = 256 * 1024  # bytes of worker memory one scan may read
+MEMORY_READS: Final = 1024  # reads of worker memory one scan may make
 
 
 class ProcUnreadable(Exception):
-    """/proc of the worker cannot be read (another user, hidepid): auto cannot see it."""
+    """No process of the worker's tree can be read (another user, hidepid, non-dumpable)."""
+
+
+class ProcFiles:
+    """The scan's reads of /proc, under a root: tests build a fake tree elsewhere, and can
+    make one read fail the way the kernel would."""
+
+    def __init__(self, root: str = PROC) -> None:
+        self.root = root
+
+    def path(self, pid: int, *parts: str) -> str:
+        return "/".join((self.root, str(pid), *parts))
+
+    def listdir(self, pid: int, *parts: str) -> list[str]:
+        return os.listdir(self.path(pid, *parts))
+
+    def readlink(self, pid: int, *parts: str) -> str:
+        return os.readlink(self.path(pid, *parts))
+
+    def read_text(self, pid: int, *parts: str) -> str:
+        with open(self.path(pid, *parts), encoding="ascii", errors="replace") as f:
+            return f.read()
+
+    def read_memory(self, pid: int, address: int, size: int) -> bytes:
+        """Bytes of pid's memory; b"" if they cannot be read. PermissionError if the kernel
+        refuses the ptrace-level access /proc/PID/mem needs."""
+        try:
+            fd = os.open(self.path(pid, "mem"), os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            raise
+        except OSError:
+            return b""
+        try:
+            return os.pread(fd, size, address)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
+
+
+PROC_FILES: Final = ProcFiles()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +93,15 @@ class TreeScan:
     processes: int
     accepting: int
     kinds: frozenset[WaitKind]
+    unreadable: tuple[Pid, ...] = ()  # skipped: their /proc/PID/fd could not be read
+    blind: tuple[Pid, ...] = ()  # their threads' syscall or mem could not be read
 
     def describe(self) -> str:
         how = ", ".join(sorted(self.kinds)) or "none"
-        return f"accepting in {self.accepting} of {self.processes} processes ({how})"
+        text = f"accepting in {self.accepting} of {self.processes} processes ({how})"
+        if self.unreadable:
+            text += f"; {len(self.unreadable)} could not be read"
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,25 +112,58 @@ class ProcessFds:
     epolls: list[int]
 
 
-def scan_tree(root: Pid, inodes: Collection[int]) -> TreeScan:
+@dataclass(slots=True)
+class _Scan:
+    """One scan's reader, memory budget and the processes it could not fully see."""
+
+    files: ProcFiles
+    budget_bytes: int = MEMORY_BUDGET
+    budget_reads: int = MEMORY_READS
+    blind: list[Pid] = field(default_factory=list)
+
+    def memory(self, pid: Pid, address: int, size: int) -> bytes:
+        if size > self.budget_bytes or self.budget_reads <= 0:
+            return b""  # spent: this thread counts as not waiting, the next scan looks again
+        self.budget_bytes -= size
+        self.budget_reads -= 1
+        return self.files.read_memory(pid, address, size)
+
+
+def scan_tree(root: Pid, inodes: Collection[int], files: ProcFiles = PROC_FILES) -> TreeScan:
     """How many processes of root's tree wait for connections on one of these sockets."""
+    members = tree(root, files.root)
+    if not members:
+        raise ProcUnreadable(f"cannot see /proc/{root}")
+    scan = _Scan(files)
     accepting = 0
     kinds: set[WaitKind] = set()
-    tree = [root, *descendants(root)]
-    for pid in tree:
-        waits = process_waits(pid, inodes)
+    unreadable: list[Pid] = []
+    for member in members:
+        try:
+            waits = _process_waits(member.pid, inodes, scan)
+        except ProcUnreadable:
+            unreadable.append(member.pid)
+            continue
         if waits:
             accepting += 1
             kinds |= waits
-    return TreeScan(processes=len(tree), accepting=accepting, kinds=frozenset(kinds))
+    if len(unreadable) == len(members):
+        raise ProcUnreadable(f"cannot read /proc/{root}/fd (permission denied)")
+    return TreeScan(
+        processes=len(members),
+        accepting=accepting,
+        kinds=frozenset(kinds),
+        unreadable=tuple(unreadable),
+        blind=tuple(scan.blind),
+    )
 
 
-def process_fds(pid: Pid) -> ProcessFds:
+def process_fds(pid: Pid, files: ProcFiles = PROC_FILES) -> ProcessFds:
     sockets: dict[int, int] = {}
     epolls: list[int] = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
+    for name in files.listdir(pid, "fd"):
         with contextlib.suppress(FileNotFoundError):
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
+            link = files.readlink(pid, "fd", name)
             inode = socket_inode(link)
             if inode is not None:
                 sockets[int(name)] = inode
@@ -85,66 +173,61 @@ def process_fds(pid: Pid) -> ProcessFds:
 
 
 def epoll_registrations(
-    pid: Pid, fds: ProcessFds, inodes: Collection[int]
+    pid: Pid, fds: ProcessFds, inodes: Collection[int], files: ProcFiles = PROC_FILES
 ) -> Iterator[tuple[int, list[EpollTarget]]]:
     """(epoll fd, its registrations of one of the sockets) for each epoll set of pid."""
     for epfd in fds.epolls:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            with open(f"/proc/{pid}/fdinfo/{epfd}", encoding="ascii", errors="replace") as f:
-                targets = [t for t in epoll_targets(f.read()) if t.inode in inodes]
+            text = files.read_text(pid, "fdinfo", str(epfd))
+            targets = [t for t in epoll_targets(text) if t.inode in inodes]
             if targets:
                 yield epfd, targets
 
 
-def process_waits(pid: Pid, inodes: Collection[int]) -> set[WaitKind]:
+def _process_waits(pid: Pid, inodes: Collection[int], scan: _Scan) -> set[WaitKind]:
     """How pid waits for connections on one of the sockets (empty: it does not)."""
     try:
-        fds = process_fds(pid)
+        fds = process_fds(pid, scan.files)
     except PermissionError:
         raise ProcUnreadable(f"cannot read /proc/{pid}/fd (permission denied)") from None
     except (FileNotFoundError, ProcessLookupError):
         return set()  # it exited while we looked
     waits: set[WaitKind] = set()
-    if any(True for _ in epoll_registrations(pid, fds, inodes)):
-        waits.add(WaitKind.EPOLL)
+    with contextlib.suppress(PermissionError):  # fd was readable, fdinfo is too
+        if any(True for _ in epoll_registrations(pid, fds, inodes, scan.files)):
+            waits.add(WaitKind.EPOLL)
     watched = {fd for fd, inode in fds.sockets.items() if inode in inodes}
     if watched:
-        waits |= _blocked_on(pid, watched)
+        try:
+            waits |= _blocked_on(pid, watched, scan)
+        except PermissionError:
+            # /proc/PID/fd needs ptrace-read access, syscall and mem need ptrace-attach:
+            # Yama ptrace_scope 2 or 3, or an LSM, can allow the one and refuse the other.
+            scan.blind.append(pid)
     return waits
 
 
-def _blocked_on(pid: Pid, watched: set[int]) -> set[WaitKind]:
+def _blocked_on(pid: Pid, watched: set[int], scan: _Scan) -> set[WaitKind]:
     waits: set[WaitKind] = set()
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/syscall", encoding="ascii") as f:
-                    call = blocked_call(f.read(), _MACHINE)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-            if call is None:
-                continue
-            if call.kind is WaitKind.ACCEPT and call.args[0] in watched:
-                waits.add(call.kind)
-            elif (span := select_reads(call)) is not None:
-                nfds = call.args[0]
-                if watched & set(fd_set_members(_read_memory(pid, *span), nfds)):
-                    waits.add(call.kind)
-            elif (span := poll_array(call)) is not None and watched & set(
-                pollfds(_read_memory(pid, *span))
-            ):
-                waits.add(call.kind)
+    try:
+        tasks = scan.files.listdir(pid, "task")
+    except (FileNotFoundError, ProcessLookupError):
+        return waits
+    for task in tasks:
+        try:
+            call = blocked_call(scan.files.read_text(pid, "task", task, "syscall"), _MACHINE)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread exited
+        if call is None:
+            continue
+        if call.kind is WaitKind.ACCEPT:
+            waiting = call.args[0] in watched
+        elif (window := select_window(call, watched)) is not None:
+            waiting = bool(window.members(scan.memory(pid, window.address, window.size), watched))
+        elif (span := poll_array(call)) is not None:
+            waiting = bool(watched & set(pollfds(scan.memory(pid, *span))))
+        else:
+            waiting = False  # an fd array too big to read, or none given
+        if waiting:
+            waits.add(call.kind)
     return waits
-
-
-def _read_memory(pid: Pid, address: int, size: int) -> bytes:
-    try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        return os.pread(fd, size, address)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)

@@ -11,7 +11,10 @@ keeps serving the connections it holds.
 
 Where it cannot be done (no pidfd_getfd, a server blocked in accept or select instead of
 epoll, no permission), nothing is changed and the stop signal alone does the job; the
-caller logs which path was taken.
+caller logs which path was taken, and which processes were taken off and which not.
+
+A server that reacts to a failed EPOLL_CTL_MOD (ENOENT) by adding the socket again (Java
+NIO does) undoes this; only its stop signal stops it accepting (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ import errno
 import fcntl
 import os
 import select
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from handoff.core.model import Pid
-from handoff.formats.procfs import EpollTarget
+from handoff.formats.procfs import EpollTarget, placement_rounds
 from handoff.system import signals
 from handoff.system.accepting_scan import epoll_registrations, process_fds
-from handoff.system.process_tree import descendants
+from handoff.system.process_tree import Member, open_listed, reapers_of, tree
 
 _SYS_PIDFD_GETFD: Final = {"x86_64": 438, "aarch64": 438}
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,63 +41,110 @@ _libc.syscall.restype = ctypes.c_long
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessResult:
+    """What detaching did in one process of the tree that registers a listening socket."""
+
+    pid: Pid
+    removed: int
+    error: str = ""  # why (some of) its registrations stay
+
+
+@dataclass(frozen=True, slots=True)
 class Detachment:
     processes: int
     registrations: int
-    reason: str = ""  # why nothing was removed
+    reason: str = ""  # why nothing was removed, or what failed where
+    results: tuple[ProcessResult, ...] = ()
 
     @property
     def path(self) -> str:
         return "epoll" if self.registrations else "signal-only"
 
+    @property
+    def detached(self) -> list[Pid]:
+        """The processes taken off the sockets."""
+        return [r.pid for r in self.results if r.removed]
+
+    @property
+    def failed(self) -> list[ProcessResult]:
+        """The processes that still have a registration, with the reason."""
+        return [r for r in self.results if r.error]
+
 
 def detach(root: Pid, listeners: Mapping[int, int]) -> Detachment:
     """Remove every epoll registration of the listening sockets in root's tree.
 
-    listeners maps a socket inode to the master's fd of that socket.
+    listeners maps a socket inode to the master's fd of that socket. Each process is
+    reported on its own: one refusal (a non-dumpable or setuid process) does not hide
+    what was removed elsewhere.
     """
-    tree = [root, *descendants(root)]
-    removed = 0
-    reason = ""
-    for pid in tree:
-        try:
-            fds = process_fds(pid)
-            registrations = list(epoll_registrations(pid, fds, listeners))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        except PermissionError:
-            reason = f"cannot read /proc/{pid} (permission denied)"
-            continue
-        for epfd, targets in registrations:
-            try:
-                removed += _remove(pid, epfd, targets, listeners)
-            except OSError as exc:
-                reason = f"taking pid {pid} off the socket: {os.strerror(exc.errno or errno.EIO)}"
+    members = tree(root)
+    reapers = reapers_of(members)
+    results = [r for m in members if (r := _detach_process(m, listeners, reapers)) is not None]
+    removed = sum(r.removed for r in results)
+    reason = "; ".join(f"pid {r.pid}: {r.error}" for r in results if r.error)
     if not removed and not reason:
         reason = "no epoll registration of the listening socket (blocking accept, select or poll)"
     return Detachment(
-        processes=len(tree), registrations=removed, reason=reason if not removed else ""
+        processes=len(members), registrations=removed, reason=reason, results=tuple(results)
     )
 
 
-def _remove(pid: Pid, epfd: int, targets: list[EpollTarget], listeners: Mapping[int, int]) -> int:
-    pidfd = os.pidfd_open(pid)
+def _detach_process(
+    member: Member, listeners: Mapping[int, int], reapers: Collection[int]
+) -> ProcessResult | None:
+    """Take one process off the sockets; None if it has no registration (or is gone)."""
+    pid = member.pid
     try:
-        # Signals are blocked so that no handler runs (or writes its wakeup byte) while one
-        # of the master's fd numbers temporarily names a listening socket.
-        with signals.blocked(), _placed(targets, listeners):
-            epoll = select.epoll.fromfd(_pidfd_getfd(pidfd, epfd))
-            try:
-                removed = 0
-                for target in targets:
-                    with contextlib.suppress(FileNotFoundError):  # ENOENT: already gone
-                        epoll.unregister(target.fd)
-                        removed += 1
-                return removed
-            finally:
-                epoll.close()
+        registrations = list(epoll_registrations(pid, process_fds(pid), listeners))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return ProcessResult(pid, 0, "cannot read its /proc entries (permission denied)")
+    if not registrations:
+        return None
+    try:
+        # After the check the pidfd, not the pid, names the process: a pid reused from now
+        # on cannot be reached. What was read above was this process's: it was already
+        # running when the tree was listed and still is.
+        pidfd = open_listed(member, reapers)
+    except OSError as exc:
+        return ProcessResult(pid, 0, f"pidfd_open: {_strerror(exc)}")
+    if pidfd is None:
+        return None  # exited, or its pid names another process now
+    removed = 0
+    try:
+        for epfd, targets in registrations:
+            for batch in placement_rounds(targets):
+                removed += _remove(pidfd, epfd, batch, listeners)
+    except ProcessLookupError:
+        pass  # it exited meanwhile: nothing left to take off
+    except OSError as exc:
+        return ProcessResult(pid, removed, f"taking it off the socket: {_strerror(exc)}")
     finally:
         os.close(pidfd)
+    return ProcessResult(pid, removed) if removed else None
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno or errno.EIO)
+
+
+def _remove(pidfd: int, epfd: int, targets: list[EpollTarget], listeners: Mapping[int, int]) -> int:
+    """One round: the targets' fd numbers are all different."""
+    # Signals are blocked so that no handler runs (or writes its wakeup byte) while one
+    # of the master's fd numbers temporarily names a listening socket.
+    with signals.blocked(), _placed(targets, listeners):
+        epoll = select.epoll.fromfd(_pidfd_getfd(pidfd, epfd))
+        try:
+            removed = 0
+            for target in targets:
+                with contextlib.suppress(FileNotFoundError):  # ENOENT: already gone
+                    epoll.unregister(target.fd)
+                    removed += 1
+            return removed
+        finally:
+            epoll.close()
 
 
 @contextlib.contextmanager

@@ -1,11 +1,12 @@
 """Listening sockets: bind them once from BindSpecs, close them (and our unix files) at exit.
 
-The master never accepts on these; workers inherit them.
+The master never accepts on these; workers inherit them. A unix socket file is removed
+only if it is still the one we bound (its device and inode, recorded after bind): a
+successor's socket at the same path is never ours to remove.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -14,12 +15,15 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from handoff.errors import BindError, ConfigError
-from handoff.formats.options import BindKind, BindSpec
+from handoff.errors import BindError, ConfigError, HandoffError
+from handoff.formats.options import BindKind, BindSpec, parse_bind
 from handoff.formats.worker_contract import FDSTORE_PREFIX, fd_name
+from handoff.system.runtime_files import FileId, close_unix_socket, file_id
 
 # struct ucred, as SO_PEERCRED and SCM_CREDENTIALS give it: pid, uid, gid.
 UCRED: Final = struct.Struct("3i")
+SO_PEERGROUPS: Final = 59  # Linux 4.13; not in Python's socket module
+_NGROUPS_MAX: Final = 65536
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -28,13 +32,38 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def peer_groups(sock: socket.socket, pid: int) -> set[int]:
+    """The peer's supplementary groups as they were when it connected (SO_PEERGROUPS);
+    /proc/PID/status only on kernels without it (that pid may be reused, or hidden)."""
+    for size in (256, _NGROUPS_MAX):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            break
+        return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
 @dataclass(slots=True, kw_only=True)
 class Listener:
     spec: BindSpec
     sock: socket.socket
     address: str
     name: str
+    # The unix socket file we bound, removed at exit; None once it belongs to systemd's
+    # fd store (master/systemd.py), since a restarted master serves the stored socket
+    # through this very path.
     created_path: str | None = None
+    created_file: FileId | None = None  # None after a re-exec: asked from the kernel
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -63,12 +92,10 @@ def open_listeners(specs: tuple[BindSpec, ...], backlog: int) -> list[Listener]:
 
 def close_listeners(listeners: list[Listener]) -> None:
     for listener in listeners:
-        listener.sock.close()
-        if listener.created_path is not None:
-            # Only remove the path if it is still the socket we bound (not a successor's).
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(listener.created_path).st_mode):
-                    os.unlink(listener.created_path)
+        if listener.created_path is None:
+            listener.sock.close()
+        else:
+            close_unix_socket(listener.sock, listener.created_path, listener.created_file)
 
 
 def _open(spec: BindSpec, backlog: int) -> Listener:
@@ -117,6 +144,7 @@ def _open_unix(spec: BindSpec, backlog: int) -> Listener:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        created = file_id(os.lstat(path))
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -127,34 +155,112 @@ def _open_unix(spec: BindSpec, backlog: int) -> Listener:
         address=f"unix:{path}",
         name=fd_name(f"unix:{path}"),
         created_path=path,
+        created_file=created,
     )
 
 
-def remove_stale_unix_socket(path: str, what: str) -> None:
-    """Remove path if it is a socket nobody listens on; refuse anything else there."""
+def bind_control_socket(path: str, group: int | None, backlog: int) -> tuple[socket.socket, FileId]:
+    """The control socket, mode 0600 (0660 and group-owned with a group), listening and
+    non-blocking; and its file's id, for close_unix_socket."""
+    what = f"--control {path}"
+    remove_stale_unix_socket(path, what)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The mode is set at bind time: no moment in which others could connect.
+    previous = os.umask(0o177 if group is None else 0o117)
     try:
-        mode = os.lstat(path).st_mode
+        sock.bind(path)
+        created = file_id(os.lstat(path))
+    except OSError as exc:
+        sock.close()
+        raise BindError(
+            f"cannot bind {what}: {exc.strerror}",
+            hint="choose a directory you can write to with --control PATH",
+        ) from None
+    finally:
+        os.umask(previous)
+    try:
+        if group is not None:
+            _give_group(path, group, created)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        close_unix_socket(sock, path, created)
+        raise
+    return sock, created
+
+
+def _give_group(path: str, group: int, created: FileId) -> None:
+    # Not following symlinks: the file could have been swapped for one since the bind.
+    try:
+        os.chown(path, -1, group, follow_symlinks=False)
+        swapped = file_id(os.lstat(path)) != created
+    except PermissionError:
+        raise ConfigError(
+            f"--control-group {group}: cannot give the control socket to group {group}",
+            hint="name a group this user is a member of (see: id), or run as root",
+        ) from None
+    except OSError as exc:
+        raise HandoffError(f"cannot change the group of {path}: {exc.strerror}") from None
+    if swapped:
+        raise HandoffError(
+            f"the control socket {path} was replaced while it was being set up",
+            hint="someone else can write to its directory: choose another --control PATH",
+        )
+
+
+def remove_stale_unix_socket(path: str, what: str) -> None:
+    """Remove path if it is a socket nobody listens on; refuse anything else there.
+
+    Only ECONNREFUSED means stale. The connect is non-blocking: a live master whose
+    queue is full answers EAGAIN at once instead of stalling this start.
+    """
+    try:
+        before = os.lstat(path)
     except FileNotFoundError:
         return
     except OSError as exc:
         raise BindError(f"cannot bind {what}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(mode):
+    if not stat.S_ISSOCK(before.st_mode):
         raise BindError(
             f"cannot bind {what}: the path exists and is not a socket",
             hint="choose another path; handoff only replaces stale socket files",
         )
+    code = probe_unix_socket(path)
+    if code == errno.ECONNREFUSED:
+        try:
+            if file_id(os.lstat(path)) == file_id(before):
+                os.unlink(path)  # nobody listens: a stale socket left by a crashed process
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise BindError(f"cannot remove the stale socket {path}: {exc.strerror}") from None
+        return
+    if code == errno.ENOENT:
+        return  # removed meanwhile
+    if code in (0, errno.EAGAIN, errno.EWOULDBLOCK):
+        busy = "a process is listening on it" if code == 0 else "its listener is not accepting"
+        raise BindError(
+            f"cannot bind {what}: address already in use ({busy})",
+            hint="stop the other process, or choose another path",
+        )
+    reason = os.strerror(code)
+    if code in (errno.EACCES, errno.EPERM):
+        raise BindError(
+            f"cannot bind {what}: a socket file is there and connecting to it is not "
+            f"permitted ({reason}), so whether it is in use cannot be told",
+            hint="if it is stale, have its owner (or root) remove it; else choose another path",
+        )
+    raise BindError(f"cannot bind {what}: the socket file there cannot be checked ({reason})")
+
+
+def probe_unix_socket(path: str) -> int:
+    """connect(path) without blocking: 0 if a listener took it, else the errno."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: a stale socket left by a crashed process
-        return
+        probe.setblocking(False)
+        return probe.connect_ex(path)
     finally:
         probe.close()
-    raise BindError(
-        f"cannot bind {what}: address already in use (a process is listening on it)",
-        hint="stop the other process, or choose another path",
-    )
 
 
 def _adopt_fd(spec: BindSpec, backlog: int) -> Listener:
@@ -174,6 +280,11 @@ def _adopt_fd(spec: BindSpec, backlog: int) -> Listener:
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.listen(backlog)
     name = sock.getsockname()
+    if _stored_file_gone(spec, sock.family, name):
+        # systemd removed its directory (RuntimeDirectory= without
+        # RuntimeDirectoryPreserve=): nobody can reach the stored socket any more.
+        sock.close()
+        return _open_unix(parse_bind(spec.text), backlog)
     if sock.family == socket.AF_UNIX:
         address = f"unix:{name if isinstance(name, str) else name.decode(errors='replace')}"
     elif sock.family == socket.AF_INET6:
@@ -187,6 +298,13 @@ def _adopt_fd(spec: BindSpec, backlog: int) -> Listener:
     return Listener(
         spec=spec, sock=sock, address=address, name=spec.name if keep else fd_name(address)
     )
+
+
+def _stored_file_gone(spec: BindSpec, family: int, name: object) -> bool:
+    """A unix socket of ours, back from the fd store, whose file is gone."""
+    if family != socket.AF_UNIX or not spec.name.startswith(FDSTORE_PREFIX):
+        return False
+    return isinstance(name, str) and name[:1] not in ("", "\0") and not os.path.lexists(name)
 
 
 def _bind_error(spec: BindSpec, exc: OSError) -> BindError:
