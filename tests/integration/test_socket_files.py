@@ -126,6 +126,14 @@ class FdStore:
             ((name, fds),) = self.stored.items()
             return name, fds[-1]
 
+    def wait_removed(self, name: str, times: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.removed.count(name) < times or name not in self.stored:
+                left = deadline - time.monotonic()
+                assert left > 0, f"FDSTOREREMOVE {name} not seen {times} times: {self.removed}"
+                self._changed.wait(left)
+
     def empty(self) -> None:
         """systemctl stop: the store lets go of its sockets."""
         with self._changed:
@@ -158,11 +166,17 @@ def restarted(command: list[str], path: Path, store: FdStore) -> Iterator[subpro
         "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[1], sys.argv[1:])"
     )
     argv = [sys.executable, "-c", wrapper, sys.executable, "-m", "handoff", "run"]
-    argv += ["--log-format", "json", "--bind", f"unix:{path}", "--", *command]
+    argv += ["--log-format", "json", "--bind", f"unix:{path}"]
+    argv += ["--control", f"{path}.ctl", "--", *command]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
     env.update(LISTEN_FDS="1", LISTEN_FDNAMES=name, NOTIFY_SOCKET=store.path)
     process = subprocess.Popen(
-        argv, env=env, pass_fds=(fd,), stdout=subprocess.DEVNULL, start_new_session=True
+        argv,
+        env=env,
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         yield process
@@ -170,6 +184,8 @@ def restarted(command: list[str], path: Path, store: FdStore) -> Iterator[subpro
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
+        assert process.stdout is not None
+        process.stdout.close()
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -182,8 +198,9 @@ def test_the_fd_store_keeps_a_unix_socket_reachable_through_its_path(
 ) -> None:
     """Review finding #5: a restart must not leave a stored socket without its file."""
     path = tmp_path / "app.sock"
+    private = ["--control", str(tmp_path / "ctl.sock")]
     env = {"NOTIFY_SOCKET": fd_store.path}
-    with running(demo(tmp_path), binds=[f"unix:{path}"], env=env) as first:
+    with running(demo(tmp_path), binds=[f"unix:{path}"], args=private, env=env) as first:
         first.wait_for("master.ready", 60)
         assert http_over_unix(path)["generation"] == 1
         created = file_id(os.lstat(path))
@@ -199,9 +216,8 @@ def test_the_fd_store_keeps_a_unix_socket_reachable_through_its_path(
 
     # systemctl stop: nobody holds the socket any more; the next start replaces the file.
     fd_store.empty()
-    with running(demo(tmp_path), binds=[f"unix:{path}"]) as fresh:
+    with running(demo(tmp_path), binds=[f"unix:{path}"], args=private) as fresh:
         fresh.wait_for("master.ready", 60)
-        assert file_id(os.lstat(path)) != created
         assert http_over_unix(path)["generation"] == 1
         fresh.signal(signal.SIGTERM)
         assert fresh.wait_exit(60) == 0
@@ -213,15 +229,19 @@ def test_a_stored_socket_whose_file_is_gone_is_bound_anew(
 ) -> None:
     """RuntimeDirectory= without RuntimeDirectoryPreserve=: systemd removes the file."""
     path = tmp_path / "app.sock"
-    with running(demo(tmp_path), binds=[f"unix:{path}"], env={"NOTIFY_SOCKET": fd_store.path}) as m:
+    private = ["--control", str(tmp_path / "ctl.sock")]
+    env = {"NOTIFY_SOCKET": fd_store.path}
+    with running(demo(tmp_path), binds=[f"unix:{path}"], args=private, env=env) as m:
         m.wait_for("master.ready", 60)
         m.signal(signal.SIGTERM)
         assert m.wait_exit(60) == 0
     name, _ = fd_store.wait_stored()
     path.unlink()
     with restarted(demo(tmp_path), path, fd_store) as second:
-        assert http_over_unix(path)["generation"] == 1  # path exists before READY
-        assert fd_store.removed == [name], "the pathless socket was left in the store"
+        read_event(second, "master.ready")
+        assert http_over_unix(path)["generation"] == 1
+        fd_store.wait_removed(name, times=2)  # once by each master, before it stored
+        assert len(fd_store.stored[name]) == 1, "the pathless socket was left in the store"
         stop(second)
 
 
@@ -231,7 +251,8 @@ def test_a_stored_socket_whose_file_is_gone_is_bound_anew(
 def test_a_successors_socket_files_survive_the_master(tmp_path: Path) -> None:
     """Review finding #13 (a): the path was taken over while the master ran."""
     path, control = tmp_path / "app.sock", tmp_path / "ctl.sock"
-    with running(["sleep", "1000"], binds=[f"unix:{path}"], args=["--control", str(control)]) as m:
+    args = ["--ready", "delay:0", "--control", str(control)]
+    with running(["sleep", "1000"], binds=[f"unix:{path}"], args=args) as m:
         start(m, control)
         path.unlink()
         control.unlink()
@@ -366,7 +387,10 @@ while True:
     except OSError:
         got = b""
     print("got", len(got), flush=True)
-    conn.sendall(b'{"v": 1, "type": "result", "ok": true, "pid": 1, "accepted": "started"}\n')
+    try:
+        conn.sendall(b'{"v": 1, "type": "result", "ok": true, "pid": 1, "accepted": "started"}\n')
+    except OSError:
+        pass
     conn.close()
 """
 
@@ -396,18 +420,24 @@ def test_a_client_does_not_believe_a_socket_someone_else_planted(public_dir: Pat
             impostor.kill()
 
 
-def read_event(process: subprocess.Popen[str], name: str, timeout: float = 30.0) -> None:
-    """Read the master's JSON lines until `name` (bounded)."""
+def read_event(process: subprocess.Popen[bytes], name: str, timeout: float = 30.0) -> None:
+    """Read the master's JSON lines (unbuffered, from its stdout pipe) until `name`."""
     assert process.stdout is not None
+    fd = process.stdout.fileno()
     deadline = time.monotonic() + timeout
+    pending = b""
+    seen: list[bytes] = []
     while (left := deadline - time.monotonic()) > 0:
-        if not select.select([process.stdout], [], [], left)[0]:
+        if not select.select([fd], [], [], left)[0]:
             break
-        line = process.stdout.readline()
-        assert line, f"the master exited before {name}"
-        if line.startswith("{") and json.loads(line).get("event") == name:
-            return
-    raise AssertionError(f"no {name} within {timeout} s")
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the master exited before {name}: {seen[-20:]}"
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            seen.append(line[:300])
+            if line.startswith(b"{") and json.loads(line).get("event") == name:
+                return
+    raise AssertionError(f"no {name} within {timeout} s; last lines: {seen[-20:]}")
 
 
 @needs_root

@@ -1048,7 +1048,7 @@ def test_exit_of_an_unknown_pid_is_a_bug() -> None:
 
 @pytest.mark.parametrize(
     ("attempt", "expected"),
-    [(0, 0.1), (1, 0.1), (2, 0.2), (3, 0.4), (9, 25.6), (10, 30.0), (1000, 30.0)],
+    [(0, 0.1), (1, 0.1), (2, 0.2), (3, 0.4), (9, 25.6), (10, 30.0), (1000, 30.0), (10**6, 30.0)],
 )
 def test_backoff_is_capped_exponential(attempt: int, expected: float) -> None:
     assert backoff(attempt, 0.1, 30.0) == pytest.approx(expected)

@@ -62,5 +62,8 @@ class ReloadOutcome:
 
 
 def backoff(attempt: int, base_s: float, cap_s: float) -> float:
-    """Capped exponential backoff: base, 2*base, 4*base, ... never above cap."""
-    return min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
+    """Capped exponential backoff: base, 2*base, 4*base, ... never above cap.
+
+    The exponent is bounded: a worker retried for hours must not overflow a float.
+    """
+    return min(cap_s, base_s * 2.0 ** min(max(0, attempt - 1), 64))

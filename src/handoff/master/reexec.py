@@ -26,7 +26,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Final
 
 from handoff.master.resume_state import RESUME_VARIABLE, ResumeState, write_memfd
-from handoff.system import children, signals
+from handoff.system import children, runtime_files, signals
 from handoff.system.children import Child
 
 CRASH_LOOP_COUNT: Final = 3
@@ -42,7 +42,7 @@ def exec_in_place(state: ResumeState, environ: MutableMapping[str, str]) -> None
     """Exec the master's own command line with the state; returns only by raising OSError."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals.HANDLED)
     memfd = -1
-    fds = state.fds()
+    fds = [*state.fds(), *runtime_files.pidfile_lock_fds()]  # the pidfile's lock stays held
     try:
         memfd = write_memfd(state)
         for fd in fds:
