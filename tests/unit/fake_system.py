@@ -99,6 +99,9 @@ class FakeSystem:
     def kill_tree(self, pid: Pid) -> None:
         self._call("kill_tree", pid)
 
+    def signal_group(self, pgid: Pid, sig: signal.Signals) -> None:
+        self._call("signal_group", pgid, sig)
+
     def guard(self, pid: Pid, *, guarded: bool) -> None:
         self._call("guard", pid, guarded)
 

@@ -56,6 +56,10 @@ class Timers:
     def __len__(self) -> int:
         return len(self._deadlines)
 
+    def deadline(self, key: TimerKey) -> float | None:
+        entry = self._deadlines.get(key)
+        return None if entry is None else entry[0]
+
     def deadlines(self) -> dict[TimerKey, float]:
         """Every pending deadline by key (what a re-exec carries over)."""
         return {key: deadline for key, (deadline, _) in self._deadlines.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping
-from typing import Final, assert_never
+from typing import Final, Protocol, assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
@@ -43,6 +43,15 @@ from handoff.master.system import System
 from handoff.master.systemd import SystemdGlue
 from handoff.master.upgrade import Upgrades
 from handoff.master.workers import WorkerTable
+
+
+class Timed(Protocol):
+    """A part of the loop with deadlines of its own (client requests, the watchdog, ...)."""
+
+    def next_deadline(self) -> float | None: ...
+
+    def expire(self, now: float) -> None: ...
+
 
 # What each signal asks of the machine (USR2, the upgrade, and CHLD are the loop's own).
 SIGNAL_REQUESTS: Final[Mapping[signal.Signals, ev.Event]] = {
@@ -84,7 +93,13 @@ class MasterLoop:
         self._sources = Sources()
         self._timers = Timers()
         self._workers = WorkerTable(
-            system, self._sources, config, listeners, environ, fd_limit=worker_fd_limit
+            system,
+            self._sources,
+            config,
+            listeners,
+            environ,
+            timers=self._timers,
+            fd_limit=worker_fd_limit,
         )
         self._probes = Probes(
             system, self._sources, config.ready, listeners, environ, fd_limit=worker_fd_limit
@@ -207,26 +222,20 @@ class MasterLoop:
 
     def turn(self) -> None:
         """Wait for what is next, and handle everything that woke the loop."""
-        deadlines = [
-            deadline
-            for deadline in (
-                self._timers.next_deadline(),
-                self._control.next_deadline() if self._control else None,
-                self._systemd.next_deadline(),
-                self._upgrades.next_deadline(),
-            )
-            if deadline is not None
-        ]
+        # What keeps deadlines of its own besides the machine's timers.
+        timed: list[Timed] = [self._systemd, self._upgrades, self._workers]
+        if self._control is not None:
+            timed.append(self._control)
+        due = [self._timers.next_deadline(), *(part.next_deadline() for part in timed)]
+        deadlines = [deadline for deadline in due if deadline is not None]
         timeout = max(0.0, min(deadlines) - self._system.clock()) if deadlines else None
         for wakeup in self._sources.wait(timeout):
             if self._exit is not None:
                 return
             self._on_wakeup(wakeup)
         now = self._system.clock()
-        if self._control is not None:
-            self._control.expire(now)
-        self._upgrades.expire(now)
-        self._systemd.keep_alive(now)
+        for part in timed:
+            part.expire(now)
         for key in self._timers.pop_due(now):
             if self._exit is not None:
                 return

@@ -46,6 +46,10 @@ class System(Protocol):
         """SIGKILL pid's process group and every descendant that left it."""
         ...
 
+    def signal_group(self, pgid: Pid, sig: signal.Signals) -> None:
+        """Send sig to what is in a worker's process group (its leader may be gone)."""
+        ...
+
     def guard(self, pid: Pid, *, guarded: bool) -> None:
         """Tell the warden a worker group exists (or is gone): it dies if the master dies."""
         ...
@@ -98,6 +102,9 @@ class RealSystem:
 
     def kill_tree(self, pid: Pid) -> None:
         process_tree.kill_tree(pid)
+
+    def signal_group(self, pgid: Pid, sig: signal.Signals) -> None:
+        children.signal_group(pgid, sig)
 
     def guard(self, pid: Pid, *, guarded: bool) -> None:
         if guarded:

@@ -82,7 +82,8 @@ class SystemdGlue:
         if message is not None:
             self._notifier.send({**message, "STATUS": status_text(self._machine)})
 
-    def keep_alive(self, now: float) -> None:
+    def expire(self, now: float) -> None:
+        """Send the watchdog keep-alive if it is due."""
         if self._notifier is None or self._watchdog_next is None or self._watchdog_every is None:
             return
         if now >= self._watchdog_next:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from handoff.core import events as ev
 from handoff.core.model import ExitStatus, GenId, Pid
+from handoff.core.timers import TimerKey, TimerKind, Timers
 from handoff.errors import SpawnError
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import (
@@ -39,9 +40,12 @@ class WorkerTable:
         listeners: Sequence[Listener],
         environ: Mapping[str, str],
         *,
+        timers: Timers,
         fd_limit: int | None = None,
     ) -> None:
         self._system = system
+        self._timers = timers  # read only: a stopping worker's settle and drain deadlines
+        self._lingering: dict[Pid, float] = {}  # stopped workers' groups -> drain deadline
         self._fd_limit = fd_limit
         self._sources = sources
         self._config = config
@@ -97,32 +101,71 @@ class WorkerTable:
         return list(self._children.values())
 
     def on_exit(self, pid: Pid) -> ev.ChildExited | None:
-        """The worker's pidfd is readable: clear its group, reap and forget it."""
-        status = reap_watched(self._system, self._sources, self._children[pid])
+        """The worker's pidfd is readable: clear its group, reap and forget it.
+
+        A worker told to stop may leave processes in its group that still answer
+        requests: a ``sh -c`` wrapper that SIGTERM ended, a cluster primary that exits
+        first. They get the stop signal and the worker's drain deadline (``expire``),
+        not an immediate SIGKILL.
+        """
+        child = self._children[pid]
+        lingering = self._drain_deadline(pid)
+        if lingering is not None:
+            self._system.signal_group(pid, self._config.stop_signal)
+        status = reap_watched(self._system, self._sources, child, spare_group=lingering is not None)
         if status is None:
             return None
-        self._forget(pid)
+        del self._children[pid]
+        if lingering is None:
+            self._system.guard(pid, guarded=False)
+        else:
+            self._lingering[pid] = lingering  # the warden keeps guarding the group
         return ev.ChildExited(pid=pid, status=status)
 
+    def next_deadline(self) -> float | None:
+        return min(self._lingering.values(), default=None)
+
+    def expire(self, now: float) -> None:
+        """Kill what is left of a stopped worker's group at its drain deadline."""
+        for pgid, deadline in list(self._lingering.items()):
+            if deadline <= now:
+                self._end_group(pgid)
+
     def kill_all(self) -> None:
-        """At shutdown after an internal error: kill and reap every worker still here."""
+        """At shutdown: kill and reap every worker still here, and what lingers."""
         for pid, child in list(self._children.items()):
             sweep(self._system, self._sources, child)
-            self._forget(pid)
+            del self._children[pid]
+            self._system.guard(pid, guarded=False)
+        for pgid in list(self._lingering):
+            self._end_group(pgid)
 
-    def _forget(self, pid: Pid) -> None:
-        del self._children[pid]
-        self._system.guard(pid, guarded=False)
+    def _drain_deadline(self, pid: Pid) -> float | None:
+        """When a stopping worker's drain ends; None if the worker was not stopping."""
+        drain = self._timers.deadline(TimerKey(TimerKind.DRAIN, pid))
+        if drain is not None:
+            return drain
+        if self._timers.deadline(TimerKey(TimerKind.SETTLE, pid)) is not None:
+            return self._system.clock() + self._config.timeouts.drain_s
+        return None
+
+    def _end_group(self, pgid: Pid) -> None:
+        self._system.kill_group(pgid)
+        self._system.guard(pgid, guarded=False)
+        del self._lingering[pgid]
 
 
-def reap_watched(system: System, sources: Sources, child: Child) -> ExitStatus | None:
-    """A watched child's pidfd is readable: kill what is left of its process group, reap
-    it, stop watching it. None if it has not exited after all.
+def reap_watched(
+    system: System, sources: Sources, child: Child, *, spare_group: bool = False
+) -> ExitStatus | None:
+    """A watched child's pidfd is readable: kill what is left of its process group
+    (unless spare_group), reap it, stop watching it. None if it has not exited after all.
 
     The leader is a zombie until waited for, so its pid (the group id) cannot be recycled
     yet: whatever is left in its group dies with it.
     """
-    system.kill_group(child.pid)
+    if not spare_group:
+        system.kill_group(child.pid)
     status = system.reap(child)
     if status is not None:
         sources.unwatch(child.pidfd)

@@ -223,12 +223,19 @@ def send_signal(child: Child, sig: signal.Signals) -> bool:
 
 
 def kill_group(pgid: int) -> bool:
-    """SIGKILL a process group; False if it is empty.
+    """SIGKILL a process group; False if it is empty."""
+    return signal_group(pgid, signal.SIGKILL)
 
-    Safe while the group leader is unreaped: its pid (the pgid) cannot be recycled.
+
+def signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Signal a process group; False if it is empty.
+
+    Safe while the group leader is unreaped: its pid (the pgid) cannot be recycled; and
+    after, as long as the group has a member: the kernel does not hand out a pid that
+    is still some group's id.
     """
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         return False
     return True
