@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import pytest
 
 from tests.integration.control_harness import demo_app, request, status_of
 from tests.integration.harness import Load, running
+from tests.integration.waiting import wait_until
 
 NESTED_LINES = (
     b"[" * 5000 + b"\n",
@@ -75,32 +78,27 @@ def test_deeply_nested_control_requests_are_refused_and_nothing_else_happens(
 
 
 @contextlib.contextmanager
-def master_logging_to_a_pipe(
-    tmp_path: Path, control: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A master whose stderr (shared with its workers) is a pipe this test reads, then drops."""
-    version = tmp_path / "version"
-    version.write_text("v1")
-    read_end, write_end = os.pipe()
+def spawned_master(
+    control: Path,
+    command: list[str],
+    *,
+    stdout: int,
+    prefix: tuple[str, ...] = (),
+    bind: str = "127.0.0.1:0",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A master whose stdout and stderr (shared with its workers) go where the test says."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
     argv = [
-        sys.executable, "-m", "handoff", "run", "--log-format", "json", "--bind", "127.0.0.1:0",
-        "--workers", "2", "--control", str(control), "--", *demo_app(version),
+        *prefix, sys.executable, "-m", "handoff", "run", "--log-format", "json", "--bind", bind,
+        "--workers", "2", "--control", str(control), "--", *command,
     ]  # fmt: skip
     master = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=write_end,
-        stderr=write_end,
-        env=env,
+        argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stdout, env=env,
         start_new_session=True,
-    )
-    os.close(write_end)
+    )  # fmt: skip
     try:
-        yield master, read_end
+        yield master
     finally:
-        with contextlib.suppress(OSError):
-            os.close(read_end)
         workers = []
         with contextlib.suppress(psutil.Error):
             workers = psutil.Process(master.pid).children(recursive=True)
@@ -110,6 +108,25 @@ def master_logging_to_a_pipe(
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.pid, signal.SIGKILL)
         master.wait(10)
+
+
+@contextlib.contextmanager
+def master_logging_to_a_pipe(
+    tmp_path: Path, control: Path, command: list[str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A master whose stderr (shared with its workers) is a pipe this test reads, then drops."""
+    version = tmp_path / "version"
+    version.write_text("v1")
+    read_end, write_end = os.pipe()
+    try:
+        with spawned_master(control, command or demo_app(version), stdout=write_end) as master:
+            os.close(write_end)
+            write_end = -1
+            yield master, read_end
+    finally:
+        for fd in (read_end, write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def read_events_until(fd: int, wanted: set[str], timeout: float) -> dict[str, dict[str, object]]:
@@ -158,3 +175,98 @@ def test_a_log_reader_that_goes_away_costs_log_lines_not_the_service(tmp_path: P
             load.wait_for_requests(100)
         assert load.stats.total_failures() == 0, load.stats.to_dict()
         assert master.poll() is None
+
+
+FLOODER = """
+import fcntl, os, sys, time
+while not os.path.exists(sys.argv[1]):  # the test says when: once it stops reading
+    time.sleep(0.05)
+flags = fcntl.fcntl(2, fcntl.F_GETFL)
+fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)  # the description the master shares
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    try:
+        os.write(2, b"flood " * 10000 + b"\\n")
+    except BlockingIOError:
+        pass
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_flooding_a_non_blocking_stderr_while_the_reader_stalls(tmp_path: Path) -> None:
+    control = tmp_path / "ctl.sock"
+    version = tmp_path / "version"
+    version.write_text("v1")
+    flooder = tmp_path / "flooder.py"
+    flooder.write_text(FLOODER)
+    app = " ".join(demo_app(version))
+    go = tmp_path / "go"
+    command = ["sh", "-c", f"{sys.executable} {flooder} {go} & exec {app}"]
+    with master_logging_to_a_pipe(tmp_path, control, command) as (master, log):
+        events = read_events_until(log, {"master.ready", "listener.bound", "control.listening"}, 60)
+        port = int(str(events["listener.bound"]["port"]))
+        before = serving_pids(control)
+        with Load(port) as load:  # from here on nobody reads the log: the reader stalls
+            go.touch()
+            load.wait_for_requests(300)
+            started = time.monotonic()
+            status = status_of(control)
+            assert time.monotonic() - started < 2.0, "status was slow"
+            assert serving_pids(control) == before
+            reload_ok(control)
+            load.wait_for_requests(200)
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert master.poll() is None, "the master died"
+        assert status_of(control)["master"]["log_lines_dropped"] > 0, status
+
+
+@pytest.mark.timeout(120)
+def test_stderr_on_a_full_filesystem_costs_log_lines_not_the_service(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to mount a small tmpfs")
+    control = tmp_path / "ctl.sock"
+    version = tmp_path / "version"
+    version.write_text("v1")
+    full = tmp_path / "full"
+    full.mkdir()
+    port = free_port()
+    # A private mount namespace with a 64 KiB tmpfs, filled up; stdout and stderr go to a
+    # file on it: every write gets ENOSPC.
+    script = (
+        f"mount -t tmpfs -o size=64k none {full} && "
+        f"head -c 100000 /dev/zero > {full}/fill 2>/dev/null; "
+        f'exec "$@" > {full}/log 2>&1'
+    )
+    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
+    with spawned_master(
+        control,
+        demo_app(version),
+        stdout=subprocess.DEVNULL,
+        prefix=prefix,
+        bind=f"127.0.0.1:{port}",
+    ) as master:
+        wait_until(lambda: _answers(control), 60, "the master's control socket")
+        wait_until(lambda: status_of(control)["master"]["state"] == "running", 60, "running")
+        before = serving_pids(control)
+        with Load(port) as load:
+            load.wait_for_requests(200)
+            reload_ok(control)
+            load.wait_for_requests(200)
+            assert master.poll() is None, "the master died"
+            assert serving_pids(control).isdisjoint(before)
+            assert status_of(control)["master"]["log_lines_dropped"] > 0
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+
+
+def _answers(control: Path) -> bool:
+    try:
+        status_of(control, timeout=2)
+    except (OSError, AssertionError, ValueError, KeyError):
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,18 @@ def test_a_log_reader_that_goes_away_costs_dropped_output_not_a_broken_pipe() ->
             child.wait()
 
 
-def test_a_file_or_dev_null_gets_no_relay(tmp_path: Path) -> None:
+def test_a_terminal_gets_no_relay(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code = "from handoff.system.output_relay import start_relay; print(start_relay('t'))"
-    with out.open("w") as file, open(os.devnull, "w") as devnull:
+    code = (
+        "import sys; from handoff.system.output_relay import start_relay; "
+        f"open({str(out)!r}, 'w').write(repr(start_relay('t')))"
+    )
+    controller, terminal = pty.openpty()
+    try:
         subprocess.run(
-            [sys.executable, "-c", code], stdout=file, stderr=devnull, timeout=20, check=True
+            [sys.executable, "-c", code], stdout=terminal, stderr=terminal, timeout=20, check=True
         )
-    assert out.read_text().strip() == "None"
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert out.read_text() == "None"

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
 
 from handoff.formats.procfs import (
+    MAX_POLL_ENTRIES,
     BlockedCall,
     EpollTarget,
+    FdSetWindow,
+    ProcStat,
     WaitKind,
     blocked_call,
+    child_pids,
     epoll_targets,
+    established_inodes,
     fd_set_members,
+    parse_stat,
+    placement_rounds,
     poll_array,
     pollfds,
     select_reads,
+    select_window,
     socket_inode,
 )
 
@@ -109,3 +118,71 @@ def test_where_to_read_the_fd_arrays() -> None:
     assert select_reads(poll_call) is None
     assert poll_array(select_call) is None
     assert select_reads(BlockedCall(WaitKind.SELECT, (10, 0, 0, 0, 0, 0))) is None  # no readfds
+
+
+def test_a_poll_array_over_the_cap_is_skipped_not_read() -> None:
+    at_cap = BlockedCall(WaitKind.POLL, (0x2000, MAX_POLL_ENTRIES, 0, 0, 0, 0))
+    over = BlockedCall(WaitKind.POLL, (0x2000, MAX_POLL_ENTRIES + 1, 0, 0, 0, 0))
+    assert poll_array(at_cap) == (0x2000, MAX_POLL_ENTRIES * 8)
+    assert poll_array(over) is None
+
+
+def test_a_select_window_covers_only_the_watched_fds_bytes() -> None:
+    call = BlockedCall(WaitKind.SELECT, (1024, 0x1000, 0, 0, 0, 0))
+    window = select_window(call, {17, 9})
+    assert window == FdSetWindow(address=0x1001, size=2, first_fd=8)
+    bitmap = bytearray(128)
+    for fd in (9, 40):
+        bitmap[fd // 8] |= 1 << (fd % 8)
+    memory = bytes(bitmap[window.address - 0x1000 :][: window.size])
+    assert window.members(memory, {9, 17}) == {9}
+    assert window.members(b"", {9}) == set()  # unreadable memory: nothing set
+
+
+def test_no_select_window_for_fds_at_or_above_nfds() -> None:
+    call = BlockedCall(WaitKind.SELECT, (5, 0x1000, 0, 0, 0, 0))
+    assert select_window(call, {5, 7}) is None
+    assert select_window(BlockedCall(WaitKind.POLL, (0x1, 1, 0, 0, 0, 0)), {3}) is None
+
+
+def test_parse_stat_counts_fields_from_the_last_parenthesis() -> None:
+    fields = " ".join(["S", "41", "40", "40"] + ["0"] * 15 + ["987654", "0", "0"])
+    assert parse_stat(f"42 (a) b) (c) {fields}\n") == ProcStat(
+        pid=42, state="S", ppid=41, pgrp=40, started=987654
+    )
+    assert parse_stat("42 (short) S 1 2") is None
+    assert parse_stat("") is None
+
+
+def test_parse_stat_reads_this_process() -> None:
+    with open("/proc/self/stat") as f:
+        stat = parse_stat(f.read())
+    assert stat is not None
+    assert (stat.pid, stat.ppid) == (os.getpid(), os.getppid())
+    assert stat.started > 0
+
+
+def test_child_pids() -> None:
+    assert child_pids("12 345 6789 ") == [12, 345, 6789]
+    assert child_pids("") == []
+
+
+def test_placement_rounds_keep_one_registration_per_fd_number_per_round() -> None:
+    a, b, c = EpollTarget(7, 0xA), EpollTarget(7, 0xB), EpollTarget(8, 0xA)
+    assert placement_rounds([a, b, c, a]) == [[a, c], [b]]
+    assert placement_rounds([]) == []
+
+
+TCP = """  sl  local_address rem_address st tx_queue rx_queue tr tm->when retrnsmt uid timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 100 1
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 101 1
+   2: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 102 1
+   3: 0100007F:1F91 0100007F:D432 01 00000000:00000000 00:00000000 00000000     0        0 103 1
+   4: 0100007F:1F90 0100007F:D433 06 00000000:00000000 00:00000000 00000000     0        0 0 1
+"""
+
+
+def test_established_inodes_are_connections_accepted_on_the_ports() -> None:
+    assert established_inodes(TCP, {8080}) == {101}
+    assert established_inodes(TCP, {8080, 8081}) == {101, 103}
+    assert established_inodes("header only\n", {8080}) == set()

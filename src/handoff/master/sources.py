@@ -37,7 +37,7 @@ NO_PID: Final = Pid(0)
 @dataclass(frozen=True, slots=True)
 class Watch:
     source: Source
-    pid: Pid = NO_PID  # the worker, for WORKER and PROBE
+    pid: Pid = NO_PID  # the worker's, for WORKER; the probe's own, for PROBE
     fd: int = -1  # a control client's socket
 
 

@@ -201,10 +201,25 @@ def _process_waits(pid: Pid, inodes: Collection[int], scan: _Scan) -> set[WaitKi
         try:
             waits |= _blocked_on(pid, watched, scan)
         except PermissionError:
-            # /proc/PID/fd needs ptrace-read access, syscall and mem need ptrace-attach:
-            # Yama ptrace_scope 2 or 3, or an LSM, can allow the one and refuse the other.
-            scan.blind.append(pid)
+            _refused(pid, scan)
     return waits
+
+
+def _refused(pid: Pid, scan: _Scan) -> None:
+    """syscall or mem was refused though fd was not: why?
+
+    /proc/PID/fd needs ptrace-read access, syscall and mem need ptrace-attach: Yama
+    ptrace_scope 2 or 3, or an LSM, can allow the one and refuse the other. Or the process
+    made itself non-dumpable since its fd table was read (a worker starting up): then fd
+    is refused now too, and the process is unreadable, not seen half.
+    """
+    try:
+        scan.files.listdir(pid, "fd")
+    except PermissionError:
+        raise ProcUnreadable(f"cannot read /proc/{pid} (permission denied)") from None
+    except OSError:
+        return  # it exited
+    scan.blind.append(pid)
 
 
 def _blocked_on(pid: Pid, watched: set[int], scan: _Scan) -> set[WaitKind]:

@@ -2,17 +2,18 @@
 that can go away.
 
 When the master's stdout or stderr is a pipe or a socket (`| tee`, `| logger`, a
-container's log driver, journald's stream), the reader may vanish or stall. Written to
-directly, the workers would then get EPIPE (and die of SIGPIPE unless they ignore it)
-and the master could block. So, like the warden, the master forks a relay at start: the
-master's own fd 1 and 2 become pipes the relay reads, and the relay copies them to the
-original stdout and stderr. Workers inherit the pipes: they never see the reader go
-away; what the relay cannot deliver it drops, and counts in a memfd the master reads
-for ``handoff status`` (``log_lines_dropped``). The pipes stay the master's fd 1 and 2
-across a re-exec in place, so the relay serves the new code too.
+container's log driver, journald's stream), the reader may vanish or stall; a file may
+fill its disk. Written to directly, the workers would then get EPIPE (and die of SIGPIPE
+unless they ignore it), block, or fail with ENOSPC, and the master could block. So, like
+the warden, the master forks a relay at start: the master's own fd 1 and 2 become pipes
+the relay reads, and the relay copies them to the original stdout and stderr. Workers
+inherit the pipes. The relay always reads them at once, so a writer never waits on the
+reader; it writes on without blocking, keeps up to ``BACKLOG`` bytes a stalled reader
+has not taken yet, and drops what does not fit or cannot be delivered, counting it in a
+memfd the master reads for ``handoff status`` (``log_lines_dropped``). The pipes stay the
+master's fd 1 and 2 across a re-exec in place, so the relay serves the new code too.
 
-A terminal or a regular file is written to directly, as before (a worker keeps its
-colours on a terminal): their readers do not go away.
+A terminal is written to directly, as before (a worker keeps its colours).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import stat
 import struct
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from handoff.core.model import Pid
 from handoff.system.process_tree import set_title
 
 _CHUNK = 65536
+BACKLOG = 1 << 20  # bytes per stream a stalled reader may owe before output is dropped
 _COUNTER = struct.Struct("Q")
 
 
@@ -64,12 +67,13 @@ class OutputRelay:
 
 
 def relayed(fd: int) -> bool:
-    """Is this fd a pipe or a socket: a reader that can go away or stall?"""
+    """Is this fd a pipe, a socket or a file (a reader that can go away or stall, a disk
+    that can fill)? A terminal is not relayed."""
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)
 
 
 def start_relay(name: str) -> OutputRelay | None:
@@ -105,30 +109,72 @@ def _relay(sources: dict[int, int], counter: int, name: str) -> None:  # pragma:
         for low, high in zip(keep, [*keep[1:], 1 << 16], strict=True):
             os.closerange(low + 1, high)
         set_title(f"handoff: output relay [{name}]")
-        dropped = 0
-        while sources:
-            readable, _, _ = select.select(list(sources), [], [])
-            for source in readable:
-                data = os.read(source, _CHUNK)
-                if not data:
-                    del sources[source]
-                    continue
-                if not _deliver(sources[source], data):
-                    dropped += 1
-                    os.pwrite(counter, _COUNTER.pack(dropped), 0)
+        _copy(sources, {target: _Sink(target) for target in set(sources.values())}, counter)
     except BaseException:  # - never run the master's code in the relay
         code = 1
     os._exit(code)
 
 
-def _deliver(fd: int, data: bytes) -> bool:  # pragma: no cover - runs in the relay
-    """Write it all; False if the reader is gone or refuses (it is dropped, never retried)."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            select.select([], [fd], [], 1.0)  # someone made the destination non-blocking
-        except OSError:
+class _Sink:  # pragma: no cover - runs in the relay
+    """One destination, written without ever blocking, with what it still owes."""
+
+    def __init__(self, target: int) -> None:
+        mode = os.fstat(target).st_mode
+        self.socket: socket.socket | None = None
+        self.fd = target
+        if stat.S_ISSOCK(mode):
+            self.socket = socket.socket(fileno=os.dup(target))
+        elif stat.S_ISFIFO(mode):
+            # A description of our own: O_NONBLOCK on it changes nobody else's.
+            self.fd = os.open(f"/proc/self/fd/{target}", os.O_WRONLY | os.O_NONBLOCK)
+        self.backlog = bytearray()
+
+    def take(self, data: bytes) -> bool:
+        """Queue data; False (dropped) if the reader already owes too much."""
+        if len(self.backlog) + len(data) > BACKLOG:
             return False
-    return True
+        self.backlog += data
+        return True
+
+    def flush(self) -> bool:
+        """Write what the destination takes now; False if it failed (the backlog is lost)."""
+        try:
+            if self.socket is not None:
+                sent = self.socket.send(self.backlog, socket.MSG_DONTWAIT)
+            else:
+                sent = os.write(self.fd, self.backlog)
+        except BlockingIOError:
+            return True
+        except OSError:
+            self.backlog.clear()
+            return False
+        del self.backlog[:sent]
+        return True
+
+
+def _copy(
+    sources: dict[int, int], sinks: dict[int, _Sink], counter: int
+) -> None:  # pragma: no cover
+    """Read the sources as they come, write each sink when it can; until every source has
+    ended and what is owed is written (or the reader has not taken it within 5 s)."""
+    dropped = reported = 0
+    while True:
+        owed = [sink for sink in sinks.values() if sink.backlog]
+        if not sources and not owed:
+            return
+        waiting = [sink.fd if sink.socket is None else sink.socket.fileno() for sink in owed]
+        readable, writable, _ = select.select(list(sources), waiting, [], None if sources else 5.0)
+        if not readable and not writable:
+            return
+        for source in readable:
+            data = os.read(source, _CHUNK)
+            if not data:
+                del sources[source]
+            elif not sinks[sources[source]].take(data):
+                dropped += 1
+        for sink in owed:
+            if not sink.flush():
+                dropped += 1
+        if dropped != reported:
+            os.pwrite(counter, _COUNTER.pack(dropped), 0)
+            reported = dropped
