@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.control_harness import demo_app, request, status_of
+from tests.integration.control_harness import connect, demo_app, request, status_of
 from tests.integration.harness import Load, running
 from tests.integration.waiting import wait_until
 
@@ -74,6 +74,53 @@ def test_deeply_nested_control_requests_are_refused_and_nothing_else_happens(
             reload_ok(control)
             load.wait_for_requests(100)
         assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert not master.named("master.crashed")
+
+
+ODD_LINES = (
+    b'{"v": 1, "cmd": "scale", "workers": 1' + b"0" * 4300 + b"}\n",  # past int's digit limit
+    b'{"v": 1e999999, "cmd": "status"}\n',  # a float that overflows to inf
+    b'{"v": 1, "cmd": "st\xff\xfeatus"}\n',  # invalid UTF-8
+    b'{"v": 1, "cmd": "\\ud800"}\n',  # a lone surrogate
+    b"\x00" * 1000 + b"\n",
+)
+
+
+@pytest.mark.timeout(120)
+def test_odd_floods_and_stalls_on_the_control_socket_cost_nothing(tmp_path: Path) -> None:
+    version = tmp_path / "version"
+    version.write_text("v1")
+    control = tmp_path / "ctl.sock"
+    with running(demo_app(version), args=["--workers", "2", "--control", str(control)]) as master:
+        master.wait_for("master.ready", 60)
+        port = int(master.wait_for("listener.bound")["port"])
+        master.wait_for("control.listening", 30)
+        before = serving_pids(control)
+        with Load(port) as load:
+            load.wait_for_requests(100)
+            for raw in ODD_LINES:
+                replies = request(control, raw)
+                assert [r["type"] for r in replies] == ["error"], (raw[:40], replies)
+            # An unknown field with a float that underflows is ignored: a normal answer.
+            odd_but_valid = b'{"v": 1, "cmd": "status", "x": -1e-999999}\n'
+            assert request(control, odd_but_valid)[-1]["type"] == "result"
+            stalled = [connect(control) for _ in range(50)]  # connect, then say nothing
+            flooder = connect(control)
+            try:
+                with contextlib.suppress(OSError):  # the master cuts it off past 64 KiB
+                    for _ in range(64):
+                        flooder.sendall(b"x" * 4096)
+                started = time.monotonic()
+                status_of(control)
+                assert time.monotonic() - started < 2.0, "status was slow"
+                reload_ok(control)
+            finally:
+                for sock in [*stalled, flooder]:
+                    sock.close()
+            load.wait_for_requests(100)
+            assert master.process.poll() is None, "the master died"
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert serving_pids(control).isdisjoint(before)
         assert not master.named("master.crashed")
 
 
