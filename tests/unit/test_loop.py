@@ -7,6 +7,8 @@ turn (which returns at once, because something is ready or a deadline has passed
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from handoff.formats.options import (
     parse_ready,
 )
 from handoff.master.holdings import Holdings
+from handoff.system import children
 from handoff.master.loop import MasterLoop
 from handoff.system.sockets import Listener, close_listeners, open_listeners
 from tests.unit.fake_system import FakeInbox, FakeNotify, FakeSystem, FakeWarden
@@ -226,19 +229,31 @@ def test_an_old_worker_is_detached_then_signalled_after_the_settle(make_rig: Mak
 # -- faults through the seam and the shutdown sweep ----------------------------------------------
 
 
-def test_a_spawn_the_kernel_refuses_is_a_failed_generation(make_rig: MakeRig) -> None:
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        ("fork", errno.EAGAIN),
+        ("fork", errno.ENOMEM),
+        ("pipe2", errno.EMFILE),
+        ("pidfd_open", errno.EMFILE),
+    ],
+)
+def test_a_spawn_the_kernel_refuses_is_a_failed_reload_with_the_reason(
+    make_rig: MakeRig, call: str, code: int
+) -> None:
     rig = make_rig(workers=1)
     rig.ready_all()
-    rig.system.fail_next(
-        "spawn", SpawnError("cannot execute 'true': Resource temporarily unavailable")
-    )
+    serving = rig.workers()
+    rig.system.fail_next("spawn", children.refused(call, OSError(code, os.strerror(code))))
 
     rig.inbox.send(signal.SIGHUP)
     rig.loop.turn()
 
-    assert "reload.failed" in rig.events()
+    failed = [e for e in rig.logs if e["event"] == "reload.failed"]
+    assert len(failed) == 1
+    assert f"{call}: {os.strerror(code)} ({errno.errorcode[code]})" in str(failed[0]["reason"])
     assert rig.loop.view.state.value == "running"
-    assert rig.loop.view.generation_in(GenerationState.ACTIVE) is not None
+    assert rig.workers() == serving
 
 
 def test_an_internal_error_propagates_leaving_every_worker_to_the_re_exec(

@@ -88,7 +88,7 @@ def spawn(request: SpawnRequest) -> Child:
     try:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
     except OSError as exc:
-        raise _refused("pipe2", exc) from None
+        raise refused("pipe2", exc) from None
     parent = os.getpid()
     try:
         with signals.blocked():
@@ -99,7 +99,7 @@ def spawn(request: SpawnRequest) -> Child:
     except OSError as exc:
         os.close(read_end)
         os.close(write_end)
-        raise _refused("fork", exc) from None
+        raise refused("fork", exc) from None
     os.close(write_end)
     try:
         pidfd = os.pidfd_open(pid)  # the child cannot be reaped before we wait: no race
@@ -111,7 +111,7 @@ def spawn(request: SpawnRequest) -> Child:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        raise _refused("pidfd_open", exc) from None
+        raise refused("pidfd_open", exc) from None
     try:
         data = _read_all(read_end)
     finally:
@@ -125,7 +125,7 @@ def spawn(request: SpawnRequest) -> Child:
     return child
 
 
-def _refused(call: str, exc: OSError) -> SpawnError:
+def refused(call: str, exc: OSError) -> SpawnError:
     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     return SpawnError(
         f"cannot start a process: {call}: {os.strerror(exc.errno or errno.EIO)} ({name})",
