@@ -17,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from handoff.core.model import ExitStatus, GenerationState, Pid
-from handoff.errors import EXIT_NEVER_READY, SpawnError
+from handoff.errors import EXIT_NEVER_READY
 from handoff.formats.options import (
     RunConfig,
     Timeouts,
@@ -25,8 +25,8 @@ from handoff.formats.options import (
     parse_ready,
 )
 from handoff.master.holdings import Holdings
-from handoff.system import children
 from handoff.master.loop import MasterLoop
+from handoff.system import children
 from handoff.system.sockets import Listener, close_listeners, open_listeners
 from tests.unit.fake_system import FakeInbox, FakeNotify, FakeSystem, FakeWarden
 
