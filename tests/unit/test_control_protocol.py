@@ -172,6 +172,8 @@ def test_json_that_is_not_an_object_is_refused_with_an_example(document: object)
         ({"v": "1", "cmd": "status"}, "'1'"),
         ({"v": None, "cmd": "status"}, "None"),
         ({"v": [1], "cmd": "status"}, "[1]"),
+        ({"v": True, "cmd": "status"}, "True"),
+        ({"v": 1.0, "cmd": "status"}, "1.0"),
     ],
 )
 def test_another_protocol_version_is_refused_naming_it(

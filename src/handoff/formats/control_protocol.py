@@ -54,7 +54,7 @@ def parse_request(line: bytes) -> Request:
         raise BadRequest("the request is nested too deeply", hint=_EXAMPLE) from None
     if not isinstance(data, dict):
         raise BadRequest("the request is not a JSON object", hint=_EXAMPLE)
-    if data.get("v") != VERSION:
+    if type(data.get("v")) is not int or data.get("v") != VERSION:  # not true, not 1.0
         raise BadRequest(
             f"unsupported protocol version {data.get('v')!r}", hint=f'send "v": {VERSION}'
         )
