@@ -126,6 +126,18 @@ def test_sockets_with_an_empty_or_missing_name_are_named_after_their_fd() -> Non
     }
 
 
+def test_sockets_passed_under_one_name_are_all_kept() -> None:
+    # A .socket unit with three ListenStream= passes all three as "app".
+    seen = in_child(3, activation("3", "app:app:app"))
+    assert seen["passed"] == {"app": 3, "app.2": 4, "app.3": 5}
+    assert seen["sockets"] == {"app": "socket 0", "app.2": "socket 1", "app.3": "socket 2"}
+    assert resolve((), seen["passed"]) == (
+        fd_spec("app", 3),
+        fd_spec("app.2", 4),
+        fd_spec("app.3", 5),
+    )
+
+
 def test_fewer_sockets_than_announced_is_a_configuration_error_naming_the_fd() -> None:
     seen = in_child(2, activation("3", "a:b:c"))
     assert seen["error"] == "LISTEN_FDS=3 but file descriptor 5 is not open"

@@ -20,7 +20,9 @@ from handoff.formats.worker_contract import FDSTORE_PREFIX, FIRST_LISTEN_FD, fd_
 
 
 def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int]:
-    """name -> fd of the sockets systemd passed to pid; the LISTEN_* variables are removed."""
+    """name -> fd of the sockets systemd passed to pid; the LISTEN_* variables are removed.
+
+    A name passed more than once gets ``.2``, ``.3``, ... from its second fd on."""
     count = environ.pop("LISTEN_FDS", "")
     listen_pid = environ.pop("LISTEN_PID", "")
     names = environ.pop("LISTEN_FDNAMES", "")
@@ -38,7 +40,13 @@ def passed_sockets(environ: MutableMapping[str, str], pid: int) -> dict[str, int
                 f"LISTEN_FDS={count} but file descriptor {fd} is not open",
                 hint="whatever started handoff passed fewer sockets than it announced",
             ) from None
-        passed.setdefault(name, fd)
+        # A .socket unit with several ListenStream= passes them all under its one name:
+        # the second is NAME.2, the third NAME.3, so none is lost (or leaked).
+        unique, repeat = name, 1
+        while unique in passed:
+            repeat += 1
+            unique = f"{name}.{repeat}"
+        passed[unique] = fd
     return passed
 
 
