@@ -38,13 +38,24 @@ def crash_loop(crashes: Iterable[float], now: float) -> bool:
     return sum(1 for at in crashes if now - at < CRASH_LOOP_WINDOW_S) >= CRASH_LOOP_COUNT
 
 
+_reserved: list[int] = []  # the memfd reserve_state_fd keeps for the next exec
+
+
+def reserve_state_fd() -> None:
+    """At start: keep a memfd for the state, so that a re-exec after a crash still works
+    when the master has run out of file descriptors (EMFILE was maybe the crash)."""
+    with contextlib.suppress(OSError):
+        _reserved.append(os.memfd_create("handoff-state", os.MFD_CLOEXEC))
+
+
 def exec_in_place(state: ResumeState, environ: MutableMapping[str, str]) -> None:
     """Exec the master's own command line with the state; returns only by raising OSError."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals.HANDLED)
     memfd = -1
     fds = [*state.fds(), *runtime_files.pidfile_lock_fds()]  # the pidfile's lock stays held
     try:
-        memfd = write_memfd(state)
+        memfd = write_memfd(state, _reserved[0] if _reserved else None)
+        fds.append(memfd)
         for fd in fds:
             os.set_inheritable(fd, True)
         env = {**environ, RESUME_VARIABLE: str(memfd)}
@@ -55,7 +66,7 @@ def exec_in_place(state: ResumeState, environ: MutableMapping[str, str]) -> None
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
-        if memfd >= 0:
+        if memfd >= 0 and memfd not in _reserved:
             os.close(memfd)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         raise

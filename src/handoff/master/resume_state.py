@@ -166,9 +166,14 @@ def _get(data: object, key: str) -> object:
     return data.get(key) if isinstance(data, dict) else None
 
 
-def write_memfd(state: ResumeState) -> int:
-    """The state in a memfd the exec'd code inherits (not close-on-exec), at offset 0."""
-    fd = os.memfd_create("handoff-state", 0)
+def write_memfd(state: ResumeState, fd: int | None = None) -> int:
+    """The state in a memfd (a new one, or fd emptied first), at offset 0. The caller
+    clears close-on-exec where the exec'd code must inherit it."""
+    if fd is None:
+        fd = os.memfd_create("handoff-state", os.MFD_CLOEXEC)
+    else:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
     data = state.to_json()
     view = memoryview(data)
     while view:

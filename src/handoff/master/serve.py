@@ -23,6 +23,7 @@ from handoff.master.failpoints import Failpoints
 from handoff.master.holdings import Holdings
 from handoff.master.logs import LineWriter, emit
 from handoff.master.loop import MasterLoop
+from handoff.master.reexec import reserve_state_fd
 from handoff.master.resume_state import ResumeState
 from handoff.master.system import RealSystem
 from handoff.master.systemd import sync_fd_store
@@ -45,6 +46,7 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
     # (A master re-executed in place starts with them blocked already.)
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     failpoints = Failpoints.take(os.environ)
+    reserve_state_fd()
     try:
         handed_state = resume_state.take(os.environ)
     except SnapshotError as exc:
