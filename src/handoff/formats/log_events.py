@@ -67,6 +67,7 @@ class EventName(StrEnum):
     WORKER_EXITED = "worker.exited"
     WORKER_RESPAWN_SCHEDULED = "worker.respawn_scheduled"
     WORKER_CRASH_LOOP = "worker.crash_loop"
+    DETACH_UNAVAILABLE = "detach.unavailable"
 
 
 class Level(StrEnum):

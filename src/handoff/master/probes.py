@@ -9,7 +9,7 @@ path it took. Each call returns the event for the machine, if there is one.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from handoff.core import events as ev
@@ -24,7 +24,9 @@ from handoff.master.sources import Source, Sources, Watch
 from handoff.master.system import System
 from handoff.master.workers import reap_watched, sweep
 from handoff.system.accepting_scan import ProcUnreadable
+from handoff.system.capabilities import pidfd_getfd_refusal
 from handoff.system.children import Child, SpawnRequest
+from handoff.system.detach import Detachment
 from handoff.system.sockets import Listener
 
 # How long a worker whose tree /proc will not show is left unscanned: it is only tried
@@ -35,6 +37,11 @@ _UNAVAILABLE_HINT = (
     "--ready auto cannot see this worker (another user, hidepid, or a non-dumpable process: "
     "setuid, file capabilities, prctl PR_SET_DUMPABLE); READY=1 still counts for it, and "
     "auto still works for the others; or choose --ready notify, delay:SECONDS or exec:COMMAND"
+)
+_NO_DETACH_HINT = (
+    "a seccomp filter refuses pidfd_getfd (a container's profile, or systemd's "
+    "SystemCallFilter=), so old workers stop accepting only at their stop signal; allow "
+    "it (SystemCallFilter=pidfd_getfd, or the container's seccomp profile) to detach them"
 )
 _SKIPPED_HINT = (
     "processes of the tree that /proc will not show (non-dumpable: setuid, file "
@@ -71,9 +78,19 @@ class Probes:
         environ: Mapping[str, str],
         *,
         fd_limit: int | None = None,
+        detach_check: Callable[[], str | None] = pidfd_getfd_refusal,
     ) -> None:
         self._system = system
         self._fd_limit = fd_limit
+        # Asked once: a refusal is the host's setup, and lasts for this master's life.
+        self._detach_refused = detach_check()
+        if self._detach_refused:
+            emit(
+                EventName.DETACH_UNAVAILABLE,
+                Level.WARNING,
+                reason=f"pidfd_getfd: {self._detach_refused}",
+                hint=_NO_DETACH_HINT,
+            )
         self._sources = sources
         self._ready = ready
         self._environ = dict(environ)
@@ -171,7 +188,11 @@ class Probes:
 
     def detach(self, pid: Pid, machine: Supervisor) -> None:
         """Stop an old worker accepting before its stop signal; log which path was taken."""
-        result = self._system.detach(pid, self._listener_inodes)
+        if self._detach_refused:
+            reason = f"pidfd_getfd was refused at start: {self._detach_refused}"
+            result = Detachment(processes=0, registrations=0, reason=reason)
+        else:
+            result = self._system.detach(pid, self._listener_inodes)
         worker = machine.worker(pid)
         fields: dict[str, object] = {
             "gen": worker.gen if worker else None,

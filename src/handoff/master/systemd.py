@@ -20,7 +20,13 @@ from handoff.formats.options import BindKind
 from handoff.formats.worker_contract import FDSTORE_PREFIX
 from handoff.master.logs import emit
 from handoff.system.sockets import Listener
-from handoff.system.systemd_notify import SystemdNotifier, monotonic_usec, watchdog_interval
+from handoff.system.systemd_notify import (
+    FD_STORE_WAIT_S,
+    STATE_CHANGE_WAIT_S,
+    SystemdNotifier,
+    monotonic_usec,
+    watchdog_interval,
+)
 from handoff.system.systemd_sockets import store_name
 
 
@@ -80,7 +86,10 @@ class SystemdGlue:
             return
         message = messages_for(report.event, monotonic_usec())
         if message is not None:
-            self._notifier.send({**message, "STATUS": status_text(self._machine)})
+            # A state change may wait a moment for room in systemd's queue; a STATUS=
+            # alone is dropped at once (the next one says it again).
+            wait_s = STATE_CHANGE_WAIT_S if message else 0.0
+            self._notifier.send({**message, "STATUS": status_text(self._machine)}, wait_s=wait_s)
 
     def expire(self, now: float) -> None:
         """Send the watchdog keep-alive if it is due."""
@@ -111,7 +120,7 @@ def sync_fd_store(
     try:
         for name in unused:
             if name.startswith(FDSTORE_PREFIX):
-                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
+                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name}, wait_s=FD_STORE_WAIT_S)
         for listener in listeners:
             if listener.spec.name and not listener.spec.name.startswith(FDSTORE_PREFIX):
                 continue
@@ -119,7 +128,7 @@ def sync_fd_store(
             if listener.spec.kind is not BindKind.FD:
                 # Bound anew: a socket stored under this name before (its file since
                 # removed) must not come back next time instead of this one.
-                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name})
+                notifier.send({"FDSTOREREMOVE": "1", "FDNAME": name}, wait_s=FD_STORE_WAIT_S)
             if notifier.store_fd(listener.fileno(), name):
                 # The stored socket outlives this master and is served again through its
                 # path after a restart: the file must stay. After a stop, the next

@@ -10,7 +10,6 @@ the machine; the loop feeds it.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 
 from handoff.core import events as ev
@@ -63,7 +62,6 @@ class WorkerTable:
         """Start one worker; WorkerSpawned, or SpawnFailed with the reason."""
         config = self._config
         try:
-            executable = _resolve(config.command[0], self._environ)
             argv = expand_placeholders(config.command, len(self._listeners))
             listen_fds = not names_sockets_in_argv(config.command)
             env = worker_environment(
@@ -76,7 +74,10 @@ class WorkerTable:
             )
             child = self._system.spawn(
                 SpawnRequest(
-                    executable=executable,
+                    # Looked up by the child, as it is on disk now (a reload picks up a
+                    # new release): a stat on a hung mount must not freeze the master.
+                    executable=config.command[0],
+                    search_path=self._environ.get("PATH", os.defpath),
                     argv=argv,
                     env=env,
                     listen_fds=[listener.fileno() for listener in self._listeners],
@@ -179,11 +180,3 @@ def sweep(system: System, sources: Sources, child: Child) -> None:
     system.reap(child, block=True)
     sources.unwatch(child.pidfd)
     child.close()
-
-
-def _resolve(command: str, environ: Mapping[str, str]) -> str:
-    """Find the executable as it is on disk now (a reload picks up a new release)."""
-    found = shutil.which(command, path=environ.get("PATH", os.defpath))
-    if found is None:
-        raise SpawnError(f"command not found: '{command}'")
-    return found

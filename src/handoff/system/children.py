@@ -5,6 +5,10 @@ worker's own pid, which only exists after fork. Forking is safe because the mast
 single-threaded. Between fork and exec the child only moves fds, resets signals and sets
 its session; an exec failure travels back as errno over a close-on-exec pipe.
 
+Why the child searches PATH, and the wait for its exec is bounded: a release on a hung
+NFS or FUSE mount blocks ``stat`` and ``execve`` in D state. In the child that costs one
+worker; in the master it would freeze the loop (no reaping, no timers, no watchdog).
+
 Why pidfds: a pidfd names one process for good, so a signal can never hit a recycled pid,
 and ``waitid(P_PIDFD)`` reaps exactly that child (never ``waitpid(-1)``).
 """
@@ -15,10 +19,13 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import math
 import os
 import resource
+import select
 import signal
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -32,12 +39,27 @@ _PR_SET_PDEATHSIG: Final = 1
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
+# How long spawn waits to learn whether execve worked. A child still in execve after
+# this (its file on a hung mount) is returned as started; if its exec fails later, it
+# exits 127 and that is handled like any worker's exit.
+EXEC_RESULT_WAIT_S: Final = 2.0
+# Errors of one PATH candidate that mean "not here, try the next one": what execvpe(3)
+# passes over, and what shutil.which skipped (missing, not executable, a directory).
+_NOT_HERE: Final = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ELOOP, errno.ESTALE, errno.ENODEV,
+     errno.ETIMEDOUT}
+)  # fmt: skip
+_NOT_FOUND: Final = 0  # the errno slot of the child's report: no candidate was there
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SpawnRequest:
+    # A path to execve as it is; or, with search_path set, a command name looked up in
+    # it by the child (a name with a slash is not looked up, but missing is "not found").
     executable: str
     argv: Sequence[str]
     env: Mapping[str, str]
+    search_path: str | None = None
     listen_fds: Sequence[int] = ()
     set_listen_pid: bool = False
     die_with_parent: bool = True
@@ -79,12 +101,17 @@ def become_subreaper() -> None:
         )
 
 
-def spawn(request: SpawnRequest) -> Child:
+def spawn(request: SpawnRequest, *, exec_wait_s: float = EXEC_RESULT_WAIT_S) -> Child:
     """Start a child in its own session; raise SpawnError if it cannot be started.
 
     Every failure is a SpawnError, the kernel refusing a resource (EMFILE, EAGAIN,
     ENOMEM) included: a worker that cannot start is a failed worker, never a failed master.
+    A child whose execve has neither worked nor failed within exec_wait_s is returned as
+    started (see EXEC_RESULT_WAIT_S).
     """
+    candidates = exec_candidates(request.executable, request.search_path)
+    if not candidates:
+        raise SpawnError(f"command not found: '{request.executable}'")
     try:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
     except OSError as exc:
@@ -95,7 +122,7 @@ def spawn(request: SpawnRequest) -> Child:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child; its only way out is exec or _exit
                 os.close(read_end)
-                _exec_child(request, write_end, parent)
+                _exec_child(request, candidates, write_end, parent)
     except OSError as exc:
         os.close(read_end)
         os.close(write_end)
@@ -113,16 +140,35 @@ def spawn(request: SpawnRequest) -> Child:
             os.waitpid(pid, 0)
         raise refused("pidfd_open", exc) from None
     try:
-        data = _read_all(read_end)
+        data = read_until_closed(read_end, exec_wait_s)
     finally:
         os.close(read_end)
     child = Child(Pid(pid), pidfd)
-    if data:
+    if data and len(data) >= 4:
         wait(child, block=True)
         child.close()
         (code,) = struct.unpack("i", data[:4])
-        raise SpawnError(f"cannot execute '{request.executable}': {os.strerror(code)}")
+        if code == _NOT_FOUND:
+            raise SpawnError(f"command not found: '{request.executable}'")
+        path = os.fsdecode(data[4:]) or request.executable
+        raise SpawnError(f"cannot execute '{path}': {os.strerror(code)}")
     return child
+
+
+def exec_candidates(executable: str, search_path: str | None) -> list[str]:
+    """The paths the child tries in turn: string work only, nothing is looked at on disk.
+
+    The same paths, in the same order, as shutil.which(executable, path=search_path).
+    """
+    if search_path is None or "/" in executable:
+        return [executable]
+    seen: set[str] = set()
+    paths = []
+    for directory in search_path.split(os.pathsep) if search_path else ():
+        if directory not in seen:
+            seen.add(directory)
+            paths.append(os.path.join(directory, executable))
+    return paths
 
 
 def refused(call: str, exc: OSError) -> SpawnError:
@@ -148,14 +194,27 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 64):
+def read_until_closed(fd: int, wait_s: float) -> bytes | None:
+    """Read fd until its writers are all gone (end of file); None if that takes longer
+    than wait_s (what was read so far is dropped)."""
+    deadline = time.monotonic() + wait_s
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
-def _exec_child(request: SpawnRequest, error_pipe: int, parent: int) -> None:  # pragma: no cover
+def _exec_child(  # pragma: no cover - runs in the forked child
+    request: SpawnRequest, candidates: Sequence[str], error_pipe: int, parent: int
+) -> None:
+    report = struct.pack("i", _NOT_FOUND)
     try:
         os.setsid()
         if request.die_with_parent:
@@ -184,12 +243,23 @@ def _exec_child(request: SpawnRequest, error_pipe: int, parent: int) -> None:  #
         env = dict(request.env)
         if request.set_listen_pid:
             env["LISTEN_PID"] = str(os.getpid())
-        os.execve(request.executable, list(request.argv), env)
+        searching = request.search_path is not None
+        for path in candidates:
+            try:
+                os.execve(path, list(request.argv), env)
+            except OSError as exc:
+                if not (searching and exc.errno in _NOT_HERE):
+                    report = struct.pack("i", exc.errno or errno.EIO) + os.fsencode(path)
+                    break
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.write(error_pipe, struct.pack("i", exc.errno or errno.EIO))
-    except BaseException:  # noqa: S110 - nothing may escape into a copy of the master
-        pass
+        report = struct.pack("i", exc.errno or errno.EIO)
+    except BaseException:  # nothing may escape into a copy of the master
+        report = b""
+    # The master may have stopped waiting (EXEC_RESULT_WAIT_S) and closed its end: the
+    # exit status 127 says it then, not a death by SIGPIPE.
+    with contextlib.suppress(BaseException):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        os.write(error_pipe, report)
     os._exit(127)
 
 

@@ -20,24 +20,19 @@ NIO does) undoes this; only its stop signal stops it accepting (docs/protocol.md
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import select
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Final
 
 from handoff.core.model import Pid
 from handoff.formats.procfs import EpollTarget, placement_rounds
 from handoff.system import signals
 from handoff.system.accepting_scan import epoll_registrations, process_fds
+from handoff.system.capabilities import pidfd_getfd
 from handoff.system.process_tree import Member, open_listed, reapers_of, tree
-
-_SYS_PIDFD_GETFD: Final = {"x86_64": 438, "aarch64": 438}
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +130,7 @@ def _remove(pidfd: int, epfd: int, targets: list[EpollTarget], listeners: Mappin
     # Signals are blocked so that no handler runs (or writes its wakeup byte) while one
     # of the master's fd numbers temporarily names a listening socket.
     with signals.blocked(), _placed(targets, listeners):
-        epoll = select.epoll.fromfd(_pidfd_getfd(pidfd, epfd))
+        epoll = select.epoll.fromfd(pidfd_getfd(pidfd, epfd))
         try:
             removed = 0
             for target in targets:
@@ -194,16 +189,3 @@ def _placed(targets: list[EpollTarget], listeners: Mapping[int, int]):  # type: 
             os.close(copy)
         for source in sources.values():
             os.close(source)
-
-
-def _pidfd_getfd(pidfd: int, target: int) -> int:
-    import platform  # noqa: PLC0415
-
-    number = _SYS_PIDFD_GETFD.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, "pidfd_getfd: unknown architecture")
-    fd = _libc.syscall(number, pidfd, target, 0)
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return int(fd)

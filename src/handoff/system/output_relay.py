@@ -122,11 +122,17 @@ class _Sink:  # pragma: no cover - runs in the relay
         mode = os.fstat(target).st_mode
         self.socket: socket.socket | None = None
         self.fd = target
+        self.shared = False  # a pipe written through the (blocking) description we were given
         if stat.S_ISSOCK(mode):
             self.socket = socket.socket(fileno=os.dup(target))
         elif stat.S_ISFIFO(mode):
-            # A description of our own: O_NONBLOCK on it changes nobody else's.
-            self.fd = os.open(f"/proc/self/fd/{target}", os.O_WRONLY | os.O_NONBLOCK)
+            # A description of our own: O_NONBLOCK on it changes nobody else's. A pipe
+            # another user made (the master started by root, then running as a service
+            # user) cannot be reopened: then each write waits for room first (`shared`).
+            try:
+                self.fd = os.open(f"/proc/self/fd/{target}", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                self.shared = True
         self.backlog = bytearray()
 
     def take(self, data: bytes) -> bool:
@@ -141,6 +147,8 @@ class _Sink:  # pragma: no cover - runs in the relay
         try:
             if self.socket is not None:
                 sent = self.socket.send(self.backlog, socket.MSG_DONTWAIT)
+            elif self.shared:
+                sent = self._write_shared()
             else:
                 sent = os.write(self.fd, self.backlog)
         except BlockingIOError:
@@ -150,6 +158,22 @@ class _Sink:  # pragma: no cover - runs in the relay
             return False
         del self.backlog[:sent]
         return True
+
+    def _write_shared(self) -> int:
+        """A pipe with room (POLLOUT) takes PIPE_BUF bytes without blocking."""
+        sent = 0
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while sent < len(self.backlog):
+            events = poller.poll(0)
+            if not events or events[0][1] & (select.POLLERR | select.POLLHUP):
+                if events and not sent:
+                    raise BrokenPipeError
+                break
+            sent += os.write(self.fd, self.backlog[sent : sent + select.PIPE_BUF])
+        if not sent:
+            raise BlockingIOError
+        return sent
 
 
 def _copy(

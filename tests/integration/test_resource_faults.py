@@ -1,0 +1,446 @@
+"""The kernel refusing a resource costs a failed spawn or reload, never the master or a
+serving worker (docs/reliability.md). Real masters, real workers (the demo app), real load.
+
+The faults are real too: a master under a low RLIMIT_NOFILE runs out of file descriptors
+during a reload; a master run as another user under a low RLIMIT_NPROC cannot fork a
+worker; another user floods the workers' notify socket during a reload. Limits are set
+with prlimit and the user is switched with setpriv (util-linux), so the master's command
+line gets a prefix: `PrefixedMaster`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psutil
+import pytest
+
+from handoff.master.control_server import MAX_CLIENTS
+from tests.integration.control_harness import (
+    alive,
+    cli_status,
+    client_env,
+    connect,
+    demo_app,
+    handoff,
+    request,
+    start,
+    status_of,
+)
+from tests.integration.harness import Event, Load, Master
+from tests.integration.http import get
+from tests.integration.waiting import wait_until
+
+NOBODY = 65534
+SRC = Path(__file__).resolve().parents[2] / "src"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs root")
+
+
+class PrefixedMaster(Master):
+    """harness.Master whose ``python -m handoff run`` is started through a prefix.
+
+    The prefix's programs (prlimit, setpriv) exec what follows them, so the process
+    started is the master itself: its pid, its process group, its output, as in Master.
+    output_owner: the uid the master runs as, if not root. Its output pipe is then made
+    that user's: the output relay reopens a pipe (``open("/proc/self/fd/1")``, for a
+    description of its own), which the kernel refuses (EACCES) on a pipe of another
+    user, and the relay exits at once: the master's log is lost and every worker that
+    writes to its stderr dies (EPIPE). That is a bug of handoff's, not what this file
+    tests.
+    """
+
+    def __init__(
+        self,
+        prefix: Sequence[str],
+        command: Sequence[str],
+        *,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        output_owner: int | None = None,
+    ) -> None:
+        argv = [
+            *prefix, sys.executable, "-m", "handoff", "run", "--log-format", "json",
+            "--bind", "127.0.0.1:0", *args, "--", *command,
+        ]  # fmt: skip
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+        full_env.update(env or {})
+        self.events: list[Event] = []
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._workers: dict[int, psutil.Process] = {}
+        read_end, write_end = os.pipe()
+        try:
+            if output_owner is not None:
+                os.fchown(write_end, output_owner, output_owner)
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=write_end,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self.process.stdout = open(read_end, "rb")  # noqa: SIM115 - Master.kill closes it
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
+@contextlib.contextmanager
+def prefixed(
+    prefix: Sequence[str], command: Sequence[str], **kwargs: object
+) -> Iterator[PrefixedMaster]:
+    master = PrefixedMaster(prefix, command, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield master
+    finally:
+        master.kill()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="handoff-faults-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def python_for(uid: int) -> str:
+    """A Python >= 3.11 that `uid` may execute and that imports the demo app from SRC.
+
+    The test's interpreter may live where only root can reach (under /root): a master
+    running as `uid` could not exec it for its workers. The probe execs the candidate
+    from a shell already running as `uid`, as the master will (setpriv itself still has
+    root's capabilities when it execs its command).
+    """
+    check = "import sys; assert sys.version_info >= (3, 11); import handoff.demo.app"
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        probe = subprocess.run(
+            [*as_uid, "/bin/sh", "-c", 'exec "$0" -c "$1"', candidate, check],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=client_env({"PYTHONPATH": str(SRC)}),
+            timeout=30,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return candidate
+    pytest.skip(f"no Python >= 3.11 that uid {uid} may execute")
+
+
+# -- what the kernel shows -----------------------------------------------------------------
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nofile_limits(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of a process, from /proc/PID/limits."""
+    for text in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if text.startswith("Max open files"):
+            soft, hard = text.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no 'Max open files' line in /proc/{pid}/limits")
+
+
+def tasks_of(uid: int) -> int:
+    """The tasks (threads) a real uid has: what RLIMIT_NPROC counts."""
+    count = 0
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.uids().real == uid:
+                count += proc.num_threads()
+    return count
+
+
+def notify_address(pid: int) -> str:
+    """A worker's NOTIFY_SOCKET: an abstract address, '@' standing for the leading NUL."""
+    for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if entry.startswith(b"NOTIFY_SOCKET="):
+            address = entry.removeprefix(b"NOTIFY_SOCKET=")
+            assert address.startswith(b"@"), address
+            return address.decode()
+    raise AssertionError(f"worker {pid} has no NOTIFY_SOCKET")
+
+
+# -- the control socket --------------------------------------------------------------------
+
+
+def serving(control: Path) -> set[int]:
+    return {
+        worker["pid"]
+        for gen in status_of(control)["generations"]
+        if gen["state"] == "active"
+        for worker in gen["workers"]
+    }
+
+
+def reload_result(control: Path) -> dict[str, object]:
+    replies = request(control, {"v": 1, "cmd": "reload", "wait": True}, timeout=90)
+    assert replies[-1]["type"] == "result", replies
+    return replies[-1]
+
+
+def scale(control: Path, workers: int) -> None:
+    replies = request(control, {"v": 1, "cmd": "scale", "workers": workers})
+    assert replies[-1]["type"] == "result", replies
+    assert replies[-1]["ok"] is True, replies
+
+
+def ready_workers(control: Path) -> int:
+    """Ready workers of the active generation, as `status` shows them.
+
+    Waited for through `status` rather than `worker.ready` events: the demo app writes its
+    start-up line in two write(2) calls (text, then the newline), so a master's event
+    line written between them is glued to the worker's line and lost to the harness.
+    """
+    return sum(
+        worker["state"] == "ready"
+        for gen in status_of(control)["generations"]
+        if gen["state"] == "active"
+        for worker in gen["workers"]
+    )
+
+
+# -- 1. out of file descriptors ------------------------------------------------------------
+
+WORKER_SOFT = 48  # the soft limit the master starts with: what its workers get back
+MASTER_HARD = 64  # its hard limit, which the master raises its soft limit to
+SCALED = 8
+ROOM = 1  # free fds left when the reload starts: a spawn needs 2 (its pipe), then a pidfd
+
+
+def settled_fds(pid: int, control: Path) -> int:
+    """The master's open fds once no control client is left: after one exchange read to
+    the end (the master closes its side once it has sent the result)."""
+    with connect(control) as sock:
+        sock.sendall(b'{"v": 1, "cmd": "status"}\n')
+        while sock.recv(65536):
+            pass
+    return open_fds(pid)
+
+
+def reload_out_of_fds(master: Master, control: Path, idle: int) -> Event:
+    """Reload (SIGHUP, which costs no fd) while idle control clients hold all but ROOM
+    of the master's fds; the reload's outcome event.
+
+    Every fd the master holds is below its limit (it inherited none of the test's: Popen
+    closes them), so what is left is the limit minus the count.
+    """
+    held = MASTER_HARD - ROOM - idle
+    assert 0 < held <= MAX_CLIENTS, f"the master holds {idle} fds: pick other numbers"
+    connections: list[socket.socket] = []
+    try:
+        for _ in range(held):
+            connections.append(connect(control))
+        # Each accepted client costs the master one fd; it cuts idle ones after 5 s,
+        # long after the reload below has failed.
+        wait_until(
+            lambda: open_fds(master.pid) == MASTER_HARD - ROOM,
+            10,
+            f"the master to accept {held} control clients",
+        )
+        return master.reload(30)
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_reload_out_of_file_descriptors_fails_with_the_reason_and_nothing_else_changes(
+    tmp_path: Path,
+) -> None:
+    version = tmp_path / "version"
+    version.write_text("v1")
+    control = tmp_path / "ctl.sock"
+    limit = ["prlimit", f"--nofile={WORKER_SOFT}:{MASTER_HARD}", "--"]
+    args = ["--workers", "2", "--control", str(control)]
+    with prefixed(limit, demo_app(version), args=args) as master:
+        port = start(master, control)
+        assert nofile_limits(master.pid) == (MASTER_HARD, MASTER_HARD), "soft not raised"
+        first = master.worker_pids()[0]
+        assert nofile_limits(first) == (WORKER_SOFT, MASTER_HARD), "the worker's soft limit"
+        with Load(port) as load:
+            load.wait_for_requests(100)
+            mark = master.mark()
+            scale(control, SCALED)
+            wait_until(lambda: ready_workers(control) == SCALED, 60, f"{SCALED} ready workers")
+            before = serving(control)
+            assert len(before) == SCALED
+            scaled_worker = next(iter(before - set(master.worker_pids()[:2])))
+            assert nofile_limits(scaled_worker) == (WORKER_SOFT, MASTER_HARD)
+            load.wait_for_requests(50)
+
+            idle = settled_fds(master.pid, control)
+            outcome = reload_out_of_fds(master, control, idle)
+            assert outcome["event"] == "reload.failed", outcome
+            reason = str(outcome["reason"])
+            assert "EMFILE" in reason or "Too many open files" in reason, outcome
+            failed = master.named("worker.spawn_failed", after=mark)
+            assert failed, "no worker.spawn_failed"
+            assert all("EMFILE" in str(e["reason"]) for e in failed), failed
+
+            wait_until(lambda: open_fds(master.pid) == idle, 10, "the control clients to go")
+            assert master.process.poll() is None, "the master died"
+            assert serving(control) == before, "a serving worker was replaced"
+            assert all(alive(pid) for pid in before)
+            load.wait_for_requests(100)
+
+            scale(control, 2)
+            result = reload_result(control)
+            assert result["ok"] is True, result
+            after = serving(control)
+            assert len(after) == 2
+            assert after.isdisjoint(before)
+            load.wait_for_requests(100)
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert status_of(control)["master"]["pid"] == master.pid
+        assert not master.named("master.crashed")
+        assert not master.named("worker.killed")
+
+
+# -- 2. fork refused (RLIMIT_NPROC) --------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_a_fork_the_kernel_refuses_fails_that_worker_not_the_master(public_dir: Path) -> None:
+    version = public_dir / "version"
+    version.write_text("v1")
+    version.chmod(0o644)
+    control_dir = public_dir / "control"
+    control_dir.mkdir(mode=0o700)
+    os.chown(control_dir, NOBODY, NOBODY)
+    control = control_dir / "ctl.sock"
+    app = [python_for(NOBODY), "-m", "handoff.demo.app", "--version-file", str(version)]
+    # The master, its warden, its output relay and 2 workers, and room for one more.
+    nproc = tasks_of(NOBODY) + 5 + 1
+    prefix = [
+        "prlimit", f"--nproc={nproc}", "--",
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+    ]  # fmt: skip
+    args = ["--workers", "2", "--control", str(control)]
+    env = {"PYTHONPATH": str(SRC)}
+    with prefixed(prefix, app, args=args, env=env, cwd=public_dir, output_owner=NOBODY) as master:
+        port = start(master, control)
+        assert psutil.Process(master.pid).uids().real == NOBODY
+        first = set(master.worker_pids())
+        assert len(first) == 2
+        mark = master.mark()
+        scale(control, 5)
+        refused = master.wait_for("worker.spawn_failed", 30, after=mark)
+        reason = str(refused["reason"])
+        assert "fork" in reason, refused
+        assert "EAGAIN" in reason, refused
+        for _ in range(5):
+            code, body = get(port)
+            assert code == 200, body
+            assert body.get("pid") in first | set(master.worker_pids()), body
+        assert master.process.poll() is None, "the master died"
+        assert all(alive(pid) for pid in first), "a serving worker was lost"
+        status = cli_status(handoff("status", "--json", "--control", str(control), user=NOBODY))
+        assert status["master"]["pid"] == master.pid
+        assert not master.named("master.crashed")
+
+
+# -- 3. a notify flood from another user during a reload -----------------------------------
+
+FLOODER = r"""
+import socket, sys, time
+address = b"\0" + sys.argv[1].removeprefix("@").encode()
+end = time.monotonic() + float(sys.argv[2])
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+sent = 0
+while time.monotonic() < end:
+    try:
+        sock.sendto(b"READY=1", address)
+    except BlockingIOError:
+        continue
+    sent += 1
+    if sent == 1:
+        print("flooding", flush=True)
+print(f"sent {sent}", flush=True)
+"""
+
+
+@contextlib.contextmanager
+def flooding(address: str, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """Another user (nobody) sends READY=1 to address as fast as it can, for `seconds`."""
+    argv = [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        python_for(NOBODY), "-c", FLOODER, address, str(seconds),
+    ]  # fmt: skip
+    flooder = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=client_env(),
+        start_new_session=True,
+    )
+    try:
+        assert flooder.stdout is not None
+        readable, _, _ = select.select([flooder.stdout], [], [], 30)
+        assert readable, "the flooder did not start within 30 s"
+        first = flooder.stdout.readline()
+        assert first == "flooding\n", first + flooder.stdout.read()
+        yield flooder
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flooder.pid, signal.SIGKILL)
+        flooder.communicate(timeout=10)
+
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_a_notify_flood_from_another_user_does_not_slow_a_reload(tmp_path: Path) -> None:
+    version = tmp_path / "version"
+    version.write_text("v1")
+    control = tmp_path / "ctl.sock"
+    args = ["--workers", "2", "--control", str(control)]
+    master = Master(demo_app(version), args=args)
+    try:
+        port = start(master, control)
+        with Load(port) as load:
+            load.wait_for_requests(100)
+            normal = reload_result(control)
+            assert normal["ok"] is True, normal
+            normal_s = float(str(normal["duration_s"]))
+            load.wait_for_requests(100)
+            address = notify_address(next(iter(serving(control))))
+            assert status_of(control)["master"]["notify_datagrams_dropped"] == 0
+            with flooding(address, 60) as flooder:
+                flooded = reload_result(control)
+                assert flooder.poll() is None, "the flood ended before the reload did"
+                dropped = status_of(control)["master"]["notify_datagrams_dropped"]
+            assert flooded["ok"] is True, flooded
+            flooded_s = float(str(flooded["duration_s"]))
+            assert flooded_s <= 3 * normal_s + 1, (normal_s, flooded_s)
+            assert dropped > 0
+            load.wait_for_requests(100)
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert master.process.poll() is None
+        assert not master.named("master.crashed")
+    finally:
+        master.kill()
