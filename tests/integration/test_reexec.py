@@ -206,6 +206,42 @@ def test_a_broken_new_version_fails_its_pre_flight_and_the_old_master_serves_on(
         master.kill()
 
 
+@pytest.mark.timeout(120)
+def test_a_re_exec_after_the_release_was_deleted_keeps_serving(tmp_path: Path) -> None:
+    """The command's existence is checked at a fresh start only: a re-executed master whose
+    release directory is gone by now takes over its workers; the next reload fails."""
+    version = tmp_path / "version"
+    version.write_text("v1")
+    release = tmp_path / "release"
+    release.mkdir()
+    app = release / "app"
+    app.write_text(
+        f'#!/bin/sh\nexec {sys.executable} -m handoff.demo.app --version-file {version} "$@"\n'
+    )
+    app.chmod(0o755)
+    control = tmp_path / "ctl.sock"
+    master = Master([str(app)], args=["--workers", "2", "--control", str(control)])
+    try:
+        master.wait_for("master.ready", 60)
+        master.wait_for("control.listening", 30)
+        with Load(master.port()) as load:
+            load.wait_for_requests(100)
+            before = serving(control)
+            shutil.rmtree(release)
+            mark = master.mark()
+            assert upgrade_result(control)["ok"] is True
+            master.wait_for("master.resumed", 30, after=mark)
+            assert serving(control) == before
+            failed = reload_result(control)
+            assert failed["ok"] is False, failed
+            assert serving(control) == before
+            load.wait_for_requests(100)
+        assert load.stats.total_failures() == 0, load.stats.to_dict()
+        assert status_of(control)["master"]["pid"] == master.pid
+    finally:
+        master.kill()
+
+
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=90, check=False)

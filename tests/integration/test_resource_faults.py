@@ -52,12 +52,9 @@ class PrefixedMaster(Master):
 
     The prefix's programs (prlimit, setpriv) exec what follows them, so the process
     started is the master itself: its pid, its process group, its output, as in Master.
-    output_owner: the uid the master runs as, if not root. Its output pipe is then made
-    that user's: the output relay reopens a pipe (``open("/proc/self/fd/1")``, for a
-    description of its own), which the kernel refuses (EACCES) on a pipe of another
-    user, and the relay exits at once: the master's log is lost and every worker that
-    writes to its stderr dies (EPIPE). That is a bug of handoff's, not what this file
-    tests.
+    Its output is a pipe the test (root) made: a master run as another user cannot
+    reopen it, and its output relay must still carry every line (it used to exit at once,
+    losing the log and every worker that wrote to its stderr).
     """
 
     def __init__(
@@ -68,7 +65,6 @@ class PrefixedMaster(Master):
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
-        output_owner: int | None = None,
     ) -> None:
         argv = [
             *prefix, sys.executable, "-m", "handoff", "run", "--log-format", "json",
@@ -82,8 +78,6 @@ class PrefixedMaster(Master):
         self._workers: dict[int, psutil.Process] = {}
         read_end, write_end = os.pipe()
         try:
-            if output_owner is not None:
-                os.fchown(write_end, output_owner, output_owner)
             self.process = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -208,12 +202,7 @@ def scale(control: Path, workers: int) -> None:
 
 
 def ready_workers(control: Path) -> int:
-    """Ready workers of the active generation, as `status` shows them.
-
-    Waited for through `status` rather than `worker.ready` events: the demo app writes its
-    start-up line in two write(2) calls (text, then the newline), so a master's event
-    line written between them is glued to the worker's line and lost to the harness.
-    """
+    """Ready workers of the active generation, as `status` shows them."""
     return sum(
         worker["state"] == "ready"
         for gen in status_of(control)["generations"]
@@ -319,6 +308,46 @@ def test_a_reload_out_of_file_descriptors_fails_with_the_reason_and_nothing_else
         assert not master.named("worker.killed")
 
 
+@pytest.mark.timeout(60)
+def test_a_control_socket_out_of_file_descriptors_waits_instead_of_spinning(
+    tmp_path: Path,
+) -> None:
+    """accept() failing with EMFILE leaves the listener readable: the master sets it
+    aside (ACCEPT_PAUSE_S, or until a client leaves) instead of retrying at full speed,
+    and answers the queued clients once fds are free."""
+    version = tmp_path / "version"
+    version.write_text("v1")
+    control = tmp_path / "ctl.sock"
+    limit = ["prlimit", f"--nofile={MASTER_HARD}:{MASTER_HARD}", "--"]
+    args = ["--workers", "1", "--control", str(control)]
+    with prefixed(limit, demo_app(version), args=args) as master:
+        port = start(master, control)
+        idle = settled_fds(master.pid, control)
+        held = MASTER_HARD - idle
+        assert 0 < held <= MAX_CLIENTS, f"the master holds {idle} fds: pick other numbers"
+        mark = master.mark()
+        connections = [connect(control) for _ in range(held + 2)]  # 2 wait in the queue
+        try:
+            first = master.wait_for("control.refused", 10, after=mark)
+            assert "accept" in str(first["reason"]), first
+            cpu = psutil.Process(master.pid).cpu_times()
+            index = master.events.index(first)
+            # Retried once the pause is over: the second refusal a pause later.
+            master.wait_for(
+                "control.refused", 10, after=index + 1, where=lambda e: "accept" in e["reason"]
+            )
+            spent = sum(psutil.Process(master.pid).cpu_times()[:2]) - sum(cpu[:2])
+            assert spent < 0.5, f"the master spent {spent:.2f} s of CPU in one pause"
+            code, _ = get(port)
+            assert code == 200, "the workers stopped serving"
+        finally:
+            for connection in connections:
+                connection.close()
+        assert status_of(control)["master"]["pid"] == master.pid
+        assert master.process.poll() is None, "the master died"
+        assert not master.named("master.crashed")
+
+
 # -- 2. fork refused (RLIMIT_NPROC) --------------------------------------------------------
 
 
@@ -341,7 +370,7 @@ def test_a_fork_the_kernel_refuses_fails_that_worker_not_the_master(public_dir: 
     ]  # fmt: skip
     args = ["--workers", "2", "--control", str(control)]
     env = {"PYTHONPATH": str(SRC)}
-    with prefixed(prefix, app, args=args, env=env, cwd=public_dir, output_owner=NOBODY) as master:
+    with prefixed(prefix, app, args=args, env=env, cwd=public_dir) as master:
         port = start(master, control)
         assert psutil.Process(master.pid).uids().real == NOBODY
         first = set(master.worker_pids())

@@ -40,6 +40,7 @@ class FakeSystem:
     processes: dict[Pid, FakeProcess] = field(default_factory=dict)
     accepting: set[Pid] = field(default_factory=set)  # workers a scan finds accepting
     descendants: dict[Pid, Pid] = field(default_factory=dict)  # process -> its worker
+    unwatchable_next: bool = False  # the next child's pidfd is one epoll refuses (EPERM)
     _failures: dict[str, BaseException] = field(default_factory=dict)
     _next_pid: int = FIRST_FAKE_PID
 
@@ -75,6 +76,10 @@ class FakeSystem:
     def spawn(self, request: SpawnRequest) -> Child:
         self._call("spawn", request.executable)
         reader, writer = os.pipe2(os.O_CLOEXEC)
+        if self.unwatchable_next:  # a regular file: the real epoll_ctl says EPERM
+            self.unwatchable_next = False
+            os.close(reader)
+            reader = os.memfd_create("unwatchable", os.MFD_CLOEXEC)
         child = Child(Pid(self._next_pid), reader)
         self._next_pid += 1
         self.processes[child.pid] = FakeProcess(child, writer, request)

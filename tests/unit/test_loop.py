@@ -256,6 +256,27 @@ def test_a_spawn_the_kernel_refuses_is_a_failed_reload_with_the_reason(
     assert rig.workers() == serving
 
 
+def test_a_worker_the_selector_refuses_to_watch_is_killed_and_the_reload_fails(
+    make_rig: MakeRig,
+) -> None:
+    rig = make_rig(workers=1)
+    rig.ready_all()
+    serving = rig.workers()
+    rig.system.unwatchable_next = True
+
+    rig.inbox.send(signal.SIGHUP)
+    rig.loop.turn()
+
+    failed = [e for e in rig.logs if e["event"] == "reload.failed"]
+    assert len(failed) == 1
+    assert "watching the worker" in str(failed[0]["reason"])
+    unwatched = Pid(max(rig.system.processes))
+    assert ("kill_group", unwatched) in rig.system.calls
+    assert ("guard", unwatched, True) not in rig.system.calls
+    assert rig.loop.view.state.value == "running"
+    assert rig.workers() == serving
+
+
 def test_an_internal_error_propagates_leaving_every_worker_to_the_re_exec(
     make_rig: MakeRig,
 ) -> None:

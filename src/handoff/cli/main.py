@@ -22,7 +22,7 @@ from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, EXIT_USAGE, ConfigErr
 from handoff.formats import options
 from handoff.formats.options import LogFormat, RunConfig, Timeouts
 from handoff.master.logs import LEVELS, configure
-from handoff.master.resume_state import PREFLIGHT_VARIABLE
+from handoff.master.resume_state import PREFLIGHT_VARIABLE, RESUME_VARIABLE
 from handoff.master.serve import serve
 from handoff.master.upgrade import run_preflight
 
@@ -205,7 +205,11 @@ def run(
     Placeholders in COMMAND: {fd} is the first socket's fd, {fd1} the second's, ...
     Signals: HUP reload; TERM, INT graceful stop; QUIT fast stop; USR1 passed to workers.
     """
-    if shutil.which(command[0]) is None:
+    # Only at a fresh start: a master re-executed in place (or its upgrade's pre-flight)
+    # must not stop serving because the release it started from is gone by now, nor
+    # wait on a hung mount to look; its workers look the command up themselves.
+    fresh = RESUME_VARIABLE not in os.environ and PREFLIGHT_VARIABLE not in os.environ
+    if fresh and shutil.which(command[0]) is None:
         raise ConfigError(
             f"command not found: '{command[0]}' (searched PATH)",
             hint="check the spelling, or give the full path to the executable",

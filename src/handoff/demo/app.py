@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -235,7 +236,7 @@ class _App:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:  # EMFILE and the like: the master will see us struggle
-                print(f"demoapp: accept: {exc}", file=sys.stderr)
+                _say(f"demoapp: accept: {exc}")
                 return
             task = self._loop.create_task(self._adopt(conn))
             self._adopting.add(task)
@@ -284,7 +285,13 @@ class _App:
             for connection in list(self.connections):
                 connection.close_unless_busy()
         if not await self._until_idle(_DRAIN_LIMIT_S):
-            print("demoapp: drain: clients not reading their responses; exiting", file=sys.stderr)
+            _say("demoapp: drain: clients not reading their responses; exiting")
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write(2): never glued to a line someone else writes."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{line}\n".encode(errors="replace"))
 
 
 def _notify(message: bytes) -> None:
@@ -299,7 +306,7 @@ def _notify(message: bytes) -> None:
             sock.settimeout(5.0)
             sock.sendto(message, address)
     except OSError as exc:
-        print(f"demoapp: cannot notify {address!r}: {exc}", file=sys.stderr)
+        _say(f"demoapp: cannot notify {address!r}: {exc}")
 
 
 def _inherited_sockets() -> list[socket.socket]:
@@ -355,16 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 version = file.read().strip()
         sockets = _inherited_sockets()
     except (OSError, StartupError) as exc:
-        print(f"demoapp: error: {exc}", file=sys.stderr)
+        _say(f"demoapp: error: {exc}")
         return 2
     generation = os.environ.get("HANDOFF_GENERATION", "0")
     worker = os.environ.get("HANDOFF_WORKER", "0")
     responses = _Responses(generation=generation, worker=worker, version=version)
-    print(
+    _say(
         f"demoapp: pid {os.getpid()} generation {generation} worker {worker} "
-        f"version {version!r} on {len(sockets)} socket(s)",
-        file=sys.stderr,
-        flush=True,
+        f"version {version!r} on {len(sockets)} socket(s)"
     )
     return asyncio.run(_serve(sockets, responses, generation))
 

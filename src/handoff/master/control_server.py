@@ -41,6 +41,9 @@ from handoff.system.sockets import bind_control_socket, peer_credentials, peer_g
 MAX_CLIENTS: Final = 64
 MAX_OUTPUT: Final = 1 << 20
 REQUEST_DEADLINE_S: Final = 5.0
+# accept() failing for want of a resource (EMFILE...) leaves the socket readable: the
+# listener is set aside until a client leaves or this long has passed, instead of spinning.
+ACCEPT_PAUSE_S: Final = 1.0
 _INTERRUPTED: Final = "interrupted: the master re-executed itself; see 'handoff status'"
 _ACCEPTED: Final = {
     EventName.RELOAD_REQUESTED: "started",
@@ -106,6 +109,7 @@ class ControlServer:
         self._deadlines: list[tuple[float, int]] = []
         self._waiting = Waiting()
         self._file: FileId | None = None  # after a re-exec: the kernel is asked at close
+        self._paused_until: float | None = None  # accept() failed: the listener is set aside
         if listening is not None:
             self._sock = listening
             self._sock.setblocking(False)
@@ -120,10 +124,19 @@ class ControlServer:
     def next_deadline(self) -> float | None:
         while self._deadlines and self._deadlines[0][1] not in self._clients:
             heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        due = [self._deadlines[0][0]] if self._deadlines else []
+        return min(
+            [*due, self._paused_until] if self._paused_until is not None else due, default=None
+        )
+
+    def listen(self) -> None:
+        self._paused_until = None
+        self._sources.watch(self._sock.fileno(), Watch(Source.CONTROL))
 
     def expire(self, now: float) -> None:
-        """Cut clients that did not send their request in time."""
+        """Take the listener back; cut clients that did not send their request in time."""
+        if self._paused_until is not None and self._paused_until <= now:
+            self.listen()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, fd = heapq.heappop(self._deadlines)
             client = self._clients.get(fd)
@@ -137,8 +150,11 @@ class ControlServer:
                 sock, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # EMFILE and the like: the client is refused by the kernel's queue
+            except OSError as exc:  # EMFILE and the like: the client waits in the queue
+                self._sources.unwatch(self._sock.fileno())
+                self._paused_until = self._clock() + ACCEPT_PAUSE_S
+                emit(EventName.CONTROL_REFUSED, Level.WARNING, reason=f"accept: {exc.strerror}")
+                return
             sock.setblocking(False)
             fd = sock.fileno()
             client = Client(sock, self._clock() + REQUEST_DEADLINE_S)
@@ -146,7 +162,7 @@ class ControlServer:
             self._watch(fd, write=False)
             if len(self._clients) > MAX_CLIENTS:
                 self._fail(fd, client, f"too many control clients (at most {MAX_CLIENTS})")
-            elif not self._allowed(sock):
+            elif not _allowed(sock, self._group):
                 emit(EventName.CONTROL_REFUSED, Level.WARNING, reason="permission denied")
                 self._fail(fd, client, "permission denied", "run as the master's user or root")
             else:
@@ -224,6 +240,7 @@ class ControlServer:
                 with contextlib.suppress(OSError):
                     client.sock.send(error_line("the master exited"))
             self._drop(fd)
+        self._sources.unwatch(self._sock.fileno())
         close_unix_socket(self._sock, self.path, self._file)  # a successor's file stays
 
     # -- requests ----------------------------------------------------------------------
@@ -355,17 +372,18 @@ class ControlServer:
         self._waiting.forget(client)
         self._sources.unwatch(fd)
         client.sock.close()
+        if self._paused_until is not None:
+            self.listen()  # an fd is free again
 
     def _watch(self, fd: int, *, write: bool) -> None:
         self._sources.watch(fd, Watch(Source.CLIENT, fd=fd), write=write)
 
-    def _allowed(self, sock: socket.socket) -> bool:
-        pid, uid, gid = peer_credentials(sock)
-        if uid in (0, os.geteuid()):
-            return True
-        return self._group is not None and (
-            gid == self._group or self._group in peer_groups(sock, pid)
-        )
+
+def _allowed(sock: socket.socket, group: int | None) -> bool:
+    pid, uid, gid = peer_credentials(sock)
+    if uid in (0, os.geteuid()):
+        return True
+    return group is not None and (gid == group or group in peer_groups(sock, pid))
 
 
 def _outcome_line(outcome: ReloadOutcome) -> bytes:

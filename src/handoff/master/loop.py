@@ -193,7 +193,7 @@ class MasterLoop:
                 clock=self._system.clock,
                 listening=self._holdings.control_socket,
             )
-            self._sources.watch(self._control.fileno(), Watch(Source.CONTROL))
+            self._control.listen()
             if self._holdings.control_socket is None:
                 emit(EventName.CONTROL_LISTENING, path=self._config.control_path)
         self._sources.watch(self._inbox.fileno(), Watch(Source.SIGNALS))

@@ -9,6 +9,7 @@ the machine; the loop feeds it.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping, Sequence
 
@@ -87,9 +88,16 @@ class WorkerTable:
             )
         except SpawnError as exc:
             return ev.SpawnFailed(gen=gen, slot=slot, reason=exc.message)
+        try:
+            self._sources.watch(child.pidfd, Watch(Source.WORKER, child.pid))
+        except OSError as exc:  # epoll_ctl: ENOMEM, ENOSPC (fs.epoll.max_user_watches)
+            # A worker the loop cannot see exit must not run: SIGCHLD reaps it as a stray.
+            self._system.kill_group(child.pid)
+            child.close()
+            reason = f"watching the worker: {exc.strerror} ({errno.errorcode.get(exc.errno or 0)})"
+            return ev.SpawnFailed(gen=gen, slot=slot, reason=reason)
         self._children[child.pid] = child
         self._system.guard(child.pid, guarded=True)
-        self._sources.watch(child.pidfd, Watch(Source.WORKER, child.pid))
         return ev.WorkerSpawned(gen=gen, slot=slot, pid=child.pid)
 
     def adopt(self, pid: Pid) -> None:
