@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from handoff.master.control_server import REQUEST_DEADLINE_S
 from tests.integration.control_harness import connect, demo_app, request, status_of
 from tests.integration.harness import Load, running
 from tests.integration.waiting import wait_until
@@ -110,9 +111,11 @@ def test_odd_floods_and_stalls_on_the_control_socket_cost_nothing(tmp_path: Path
                 with contextlib.suppress(OSError):  # the master cuts it off past 64 KiB
                     for _ in range(64):
                         flooder.sendall(b"x" * 4096)
+                # Answered while the stalled clients still hang on (the master cuts them
+                # after REQUEST_DEADLINE_S): they never stand in its way.
                 started = time.monotonic()
                 status_of(control)
-                assert time.monotonic() - started < 2.0, "status was slow"
+                assert time.monotonic() - started < REQUEST_DEADLINE_S, "status waited"
                 reload_ok(control)
             finally:
                 for sock in [*stalled, flooder]:
@@ -256,9 +259,9 @@ def test_a_worker_flooding_a_non_blocking_stderr_while_the_reader_stalls(tmp_pat
         with Load(port) as load:  # from here on nobody reads the log: the reader stalls
             go.touch()
             load.wait_for_requests(300)
-            started = time.monotonic()
+            # Nobody reads the log any more, so a master that blocked on it would never
+            # answer (status_of gives up after 10 s).
             status = status_of(control)
-            assert time.monotonic() - started < 2.0, "status was slow"
             assert serving_pids(control) == before
             reload_ok(control)
             load.wait_for_requests(200)

@@ -7,6 +7,7 @@ blocking send would wait for PID 1 for as long as PID 1 is busy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -28,22 +29,33 @@ PROMPT_S = 0.05  # far below any queue wait, far above a syscall
 
 @pytest.fixture
 def full_receiver() -> Iterator[tuple[str, socket.socket]]:
-    """An abstract address (as NOTIFY_SOCKET spells it) whose queue is full."""
+    """An abstract address (as NOTIFY_SOCKET spells it) whose queue is full.
+
+    Full for any sender: a sender's own send buffer can run out first (the datagrams it
+    queued are charged to it) when net.unix.max_dgram_qlen is high (512 where systemd
+    set it), so fillers are added until a fresh socket cannot send either.
+    """
     address = f"@handoff-test-notify-{os.getpid()}-{time.monotonic_ns()}"
+    target = "\0" + address[1:]
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    fillers: list[socket.socket] = []
     try:
-        receiver.bind("\0" + address[1:])
-        for _ in range(100_000):
-            try:
-                filler.sendto(b"STATUS=filler", socket.MSG_DONTWAIT, "\0" + address[1:])
-            except BlockingIOError:
+        receiver.bind(target)
+        for _ in range(64):
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            fillers.append(filler)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                for sent in range(1, 100_000):  # noqa: B007 - counted for the check below
+                    filler.sendto(b"STATUS=filler", socket.MSG_DONTWAIT, target)
+            if sent == 1:  # a fresh socket could not send one: the queue itself is full
                 break
         else:
             pytest.fail("the receiver's queue never filled")
         yield address, receiver
     finally:
-        filler.close()
+        for filler in fillers:
+            filler.close()
         receiver.close()
 
 

@@ -28,7 +28,7 @@ class LineWriter:
     ``print`` (structlog's PrintLogger) writes the message and its newline separately,
     and a worker's output can land in between: a JSON line then no longer parses, in
     journald or anywhere else. One write of up to PIPE_BUF (4096) bytes is atomic on a
-    pipe, so lines stay whole.
+    pipe, so lines of that size stay whole (longer ones may interleave).
 
     Writing never raises: the log reader may be gone (EPIPE: ``| tee`` killed, a log
     driver restarted), the disk full (ENOSPC), or a worker may have made the shared

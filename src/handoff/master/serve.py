@@ -1,7 +1,8 @@
 """The master process's lifetime: warden, signals, sockets, pidfile, loop, clean-up.
 
-Order matters: the warden is forked before any socket exists (so it
-never holds the port), the signal handlers are installed before binding (a signal that
+Order matters: the warden is forked before any socket is bound (sockets systemd
+passed already exist, but the warden closes every fd it inherits: it never holds the
+port), the signal handlers are installed before binding (a signal that
 arrives during start-up waits in the inbox instead of killing the master), and the
 sockets close last, after every worker is gone.
 """
@@ -62,7 +63,8 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
     expand_placeholders(run_config.command, len(specs))  # validate {fdN} early
     children.check_platform()
     worker_fd_limit = children.raise_fd_limit()
-    # The warden is forked before any socket exists, so it never holds the port.
+    # The warden is forked before any socket is bound and closes what it inherits (the
+    # sockets systemd passed): it never holds the port.
     if run_config.control_path is not None:
         _prepare_control_directory(run_config.control_path)
     relay = start_relay(run_config.name)

@@ -9,7 +9,8 @@ Why the child searches PATH, and the wait for its exec is bounded: a release on 
 NFS or FUSE mount blocks ``stat`` and ``execve`` in D state. In the child that costs one
 worker; in the master it would freeze the loop (no reaping, no timers, no watchdog).
 
-Why pidfds: a pidfd names one process for good, so a signal can never hit a recycled pid,
+Why pidfds: a pidfd names one process for good, so a signal sent through it can never
+hit a recycled pid (descendants found in /proc are checked by start time instead),
 and ``waitid(P_PIDFD)`` reaps exactly that child (never ``waitpid(-1)``).
 """
 

@@ -48,7 +48,10 @@ class NotifyServer:
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        # A burst of workers starting together must not overflow the queue.
+        # Room for the bytes of a burst of datagrams. Their count is capped by
+        # net.unix.max_dgram_qlen (often 10) whatever this says: past it a blocking
+        # sender (libsystemd's sd_notify) waits for the loop to read, a non-blocking
+        # one gets EAGAIN.
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         name = f"handoff/{os.getpid()}/{secrets.token_hex(8)}"
         self._sock.bind(b"\0" + name.encode())
