@@ -272,3 +272,20 @@ def established(pids: list[int], port: int) -> int:
                 if conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == port:
                     count += 1
     return count
+
+
+def serving(control: Path) -> set[int]:
+    """The pids of the active generation's workers, as `status` shows them."""
+    return {
+        worker["pid"]
+        for gen in status_of(control)["generations"]
+        if gen["state"] == "active"
+        for worker in gen["workers"]
+    }
+
+
+def reload_result(control: Path, timeout: float = 90.0) -> dict[str, Any]:
+    """`reload --wait` over the socket: its result line (ok or not)."""
+    replies = request(control, {"v": 1, "cmd": "reload", "wait": True}, timeout=timeout)
+    assert replies[-1]["type"] == "result", replies
+    return replies[-1]

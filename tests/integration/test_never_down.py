@@ -24,7 +24,14 @@ import psutil
 import pytest
 
 from handoff.master.control_server import REQUEST_DEADLINE_S
-from tests.integration.control_harness import connect, demo_app, request, status_of
+from tests.integration.control_harness import (
+    connect,
+    demo_app,
+    reload_result,
+    request,
+    serving,
+    status_of,
+)
 from tests.integration.harness import Load, running
 from tests.integration.waiting import wait_until
 
@@ -33,22 +40,6 @@ NESTED_LINES = (
     b'{"a":' * 5000 + b"\n",
     b'{"v": 1, "cmd": "reload", "x": ' + b"[" * 20000 + b"\n",
 )
-
-
-def serving_pids(control: Path) -> set[int]:
-    status = status_of(control)
-    return {
-        worker["pid"]
-        for gen in status["generations"]
-        if gen["state"] == "active"
-        for worker in gen["workers"]
-    }
-
-
-def reload_ok(control: Path) -> None:
-    replies = request(control, {"v": 1, "cmd": "reload", "wait": True}, timeout=60)
-    assert replies[-1]["type"] == "result", replies
-    assert replies[-1]["ok"] is True, replies
 
 
 @pytest.mark.timeout(120)
@@ -62,7 +53,7 @@ def test_deeply_nested_control_requests_are_refused_and_nothing_else_happens(
         master.wait_for("master.ready", 60)
         port = int(master.wait_for("listener.bound")["port"])
         master.wait_for("control.listening", 30)
-        before = serving_pids(control)
+        before = serving(control)
         with Load(port) as load:
             load.wait_for_requests(100)
             for raw in NESTED_LINES:
@@ -71,8 +62,8 @@ def test_deeply_nested_control_requests_are_refused_and_nothing_else_happens(
                 assert replies[-1]["error"] == "the request is nested too deeply", replies
             load.wait_for_requests(100)
             assert master.process.poll() is None, "the master died"
-            assert serving_pids(control) == before, "a serving worker was replaced"
-            reload_ok(control)
+            assert serving(control) == before, "a serving worker was replaced"
+            assert reload_result(control)["ok"] is True
             load.wait_for_requests(100)
         assert load.stats.total_failures() == 0, load.stats.to_dict()
         assert not master.named("master.crashed")
@@ -96,7 +87,7 @@ def test_odd_floods_and_stalls_on_the_control_socket_cost_nothing(tmp_path: Path
         master.wait_for("master.ready", 60)
         port = int(master.wait_for("listener.bound")["port"])
         master.wait_for("control.listening", 30)
-        before = serving_pids(control)
+        before = serving(control)
         with Load(port) as load:
             load.wait_for_requests(100)
             for raw in ODD_LINES:
@@ -116,14 +107,14 @@ def test_odd_floods_and_stalls_on_the_control_socket_cost_nothing(tmp_path: Path
                 started = time.monotonic()
                 status_of(control)
                 assert time.monotonic() - started < REQUEST_DEADLINE_S, "status waited"
-                reload_ok(control)
+                assert reload_result(control)["ok"] is True
             finally:
                 for sock in [*stalled, flooder]:
                     sock.close()
             load.wait_for_requests(100)
             assert master.process.poll() is None, "the master died"
         assert load.stats.total_failures() == 0, load.stats.to_dict()
-        assert serving_pids(control).isdisjoint(before)
+        assert serving(control).isdisjoint(before)
         assert not master.named("master.crashed")
 
 
@@ -208,7 +199,7 @@ def test_a_log_reader_that_goes_away_costs_log_lines_not_the_service(tmp_path: P
     with master_logging_to_a_pipe(tmp_path, control) as (master, log):
         events = read_events_until(log, {"master.ready", "listener.bound", "control.listening"}, 60)
         port = int(str(events["listener.bound"]["port"]))
-        before = serving_pids(control)
+        before = serving(control)
         with Load(port) as load:
             load.wait_for_requests(100)
             os.close(log)  # `| tee` killed: the next line the master writes gets EPIPE
@@ -221,7 +212,7 @@ def test_a_log_reader_that_goes_away_costs_log_lines_not_the_service(tmp_path: P
             assert master.poll() is None, "the master died"
             status = status_of(control)
             assert status["master"]["log_lines_dropped"] > 0
-            assert serving_pids(control).isdisjoint(before), "the reload did not replace them"
+            assert serving(control).isdisjoint(before), "the reload did not replace them"
             load.wait_for_requests(100)
         assert load.stats.total_failures() == 0, load.stats.to_dict()
         assert master.poll() is None
@@ -255,15 +246,15 @@ def test_a_worker_flooding_a_non_blocking_stderr_while_the_reader_stalls(tmp_pat
     with master_logging_to_a_pipe(tmp_path, control, command) as (master, log):
         events = read_events_until(log, {"master.ready", "listener.bound", "control.listening"}, 60)
         port = int(str(events["listener.bound"]["port"]))
-        before = serving_pids(control)
+        before = serving(control)
         with Load(port) as load:  # from here on nobody reads the log: the reader stalls
             go.touch()
             load.wait_for_requests(300)
             # Nobody reads the log any more, so a master that blocked on it would never
             # answer (status_of gives up after 10 s).
             status = status_of(control)
-            assert serving_pids(control) == before
-            reload_ok(control)
+            assert serving(control) == before
+            assert reload_result(control)["ok"] is True
             load.wait_for_requests(200)
         assert load.stats.total_failures() == 0, load.stats.to_dict()
         assert master.poll() is None, "the master died"
@@ -297,13 +288,13 @@ def test_stderr_on_a_full_filesystem_costs_log_lines_not_the_service(tmp_path: P
     ) as master:
         wait_until(lambda: _answers(control), 60, "the master's control socket")
         wait_until(lambda: status_of(control)["master"]["state"] == "running", 60, "running")
-        before = serving_pids(control)
+        before = serving(control)
         with Load(port) as load:
             load.wait_for_requests(200)
-            reload_ok(control)
+            assert reload_result(control)["ok"] is True
             load.wait_for_requests(200)
             assert master.poll() is None, "the master died"
-            assert serving_pids(control).isdisjoint(before)
+            assert serving(control).isdisjoint(before)
             assert status_of(control)["master"]["log_lines_dropped"] > 0
         assert load.stats.total_failures() == 0, load.stats.to_dict()
 

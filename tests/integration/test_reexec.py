@@ -19,26 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.control_harness import demo_app, request, status_of
+from tests.integration.control_harness import demo_app, reload_result, request, serving, status_of
 from tests.integration.harness import Load, Master, running
 from tests.integration.waiting import wait_until
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def serving(control: Path) -> set[int]:
-    return {
-        worker["pid"]
-        for gen in status_of(control)["generations"]
-        if gen["state"] == "active"
-        for worker in gen["workers"]
-    }
-
-
-def reload_result(control: Path) -> dict[str, object]:
-    replies = request(control, {"v": 1, "cmd": "reload", "wait": True}, timeout=90)
-    assert replies[-1]["type"] == "result", replies
-    return replies[-1]
 
 
 def upgrade_result(control: Path) -> dict[str, object]:

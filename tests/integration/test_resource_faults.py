@@ -34,7 +34,9 @@ from tests.integration.control_harness import (
     connect,
     demo_app,
     handoff,
+    reload_result,
     request,
+    serving,
     start,
     status_of,
 )
@@ -178,21 +180,6 @@ def notify_address(pid: int) -> str:
 
 
 # -- the control socket --------------------------------------------------------------------
-
-
-def serving(control: Path) -> set[int]:
-    return {
-        worker["pid"]
-        for gen in status_of(control)["generations"]
-        if gen["state"] == "active"
-        for worker in gen["workers"]
-    }
-
-
-def reload_result(control: Path) -> dict[str, object]:
-    replies = request(control, {"v": 1, "cmd": "reload", "wait": True}, timeout=90)
-    assert replies[-1]["type"] == "result", replies
-    return replies[-1]
 
 
 def scale(control: Path, workers: int) -> None:

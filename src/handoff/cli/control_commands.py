@@ -41,6 +41,22 @@ def _locating(command: F) -> F:
     return command
 
 
+def _waiting(what: str) -> Callable[[F], F]:
+    """--wait/--no-wait (what waiting means) and --timeout for the result."""
+
+    def add(command: F) -> F:
+        command = click.option(
+            "--timeout",
+            type=click.FloatRange(min=0.1),
+            default=120.0,
+            show_default=True,
+            help="Seconds to wait for the result.",
+        )(command)
+        return click.option("--wait/--no-wait", default=True, show_default=True, help=what)(command)
+
+    return add
+
+
 def _path(control: str | None, pidfile: str | None, name: str | None) -> str:
     return locate(control=control, pidfile=pidfile, name=name, environ=os.environ, uid=os.geteuid())
 
@@ -53,19 +69,7 @@ def _fail_on_error(line: Mapping[str, object]) -> None:
 
 
 @click.command()
-@click.option(
-    "--wait/--no-wait",
-    default=True,
-    show_default=True,
-    help="Stream progress and wait until the new generation serves or fails.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.1),
-    default=120.0,
-    show_default=True,
-    help="Seconds to wait for the result.",
-)
+@_waiting("Stream progress and wait until the new generation serves or fails.")
 @_locating
 def reload(
     wait: bool, timeout: float, control: str | None, pidfile: str | None, name: str | None
@@ -150,19 +154,7 @@ def scale(workers: int, control: str | None, pidfile: str | None, name: str | No
 
 
 @click.command()
-@click.option(
-    "--wait/--no-wait",
-    default=True,
-    show_default=True,
-    help="Wait until the master runs the new code (or the pre-flight failed).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.1),
-    default=120.0,
-    show_default=True,
-    help="Seconds to wait for the result.",
-)
+@_waiting("Wait until the master runs the new code (or the pre-flight failed).")
 @_locating
 def upgrade(
     wait: bool, timeout: float, control: str | None, pidfile: str | None, name: str | None
