@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -76,7 +77,8 @@ def _cell(text: object) -> str:
 
 def readiness(row: Mapping[str, Any]) -> str:
     via = row.get("ready_via") or "?"
-    detail = row.get("ready_detail") or ""
+    # The port each test bound is noise in a table: 127.0.0.1:46775 -> 127.0.0.1:PORT.
+    detail = re.sub(r"(\d|\]):\d+\b", r"\1:PORT", row.get("ready_detail") or "")
     return f"{via}: {detail}" if detail else via
 
 

@@ -216,11 +216,21 @@ class Load:
     """The project's asyncio load generator running in a background thread."""
 
     def __init__(
-        self, port: int, *, keepalive: int = 4, fresh: int = 2, timeout_s: float = 10.0
+        self,
+        port: int,
+        *,
+        keepalive: int = 4,
+        fresh: int = 2,
+        timeout_s: float = 10.0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.generator = LoadGenerator(
             LoadConfig(
-                port=port, keepalive_clients=keepalive, fresh_clients=fresh, timeout_s=timeout_s
+                host=host,
+                port=port,
+                keepalive_clients=keepalive,
+                fresh_clients=fresh,
+                timeout_s=timeout_s,
             )
         )
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -5,7 +5,7 @@ The faults are real too: a master under a low RLIMIT_NOFILE runs out of file des
 during a reload; a master run as another user under a low RLIMIT_NPROC cannot fork a
 worker; another user floods the workers' notify socket during a reload. Limits are set
 with prlimit and the user is switched with setpriv (util-linux), so the master's command
-line gets a prefix: `PrefixedMaster`.
+line gets a prefix: `PrefixedMaster` (tests/integration/users.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -42,72 +40,12 @@ from tests.integration.control_harness import (
 )
 from tests.integration.harness import Event, Load, Master
 from tests.integration.http import get
+from tests.integration.users import prefixed, python_for
 from tests.integration.waiting import wait_until
 
 NOBODY = 65534
 SRC = Path(__file__).resolve().parents[2] / "src"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs root")
-
-
-class PrefixedMaster(Master):
-    """harness.Master whose ``python -m handoff run`` is started through a prefix.
-
-    The prefix's programs (prlimit, setpriv) exec what follows them, so the process
-    started is the master itself: its pid, its process group, its output, as in Master.
-    Its output is a pipe the test (root) made: a master run as another user cannot
-    reopen it, and its output relay must still carry every line (it used to exit at once,
-    losing the log and every worker that wrote to its stderr).
-    """
-
-    def __init__(
-        self,
-        prefix: Sequence[str],
-        command: Sequence[str],
-        *,
-        args: Sequence[str] = (),
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> None:
-        argv = [
-            *prefix, sys.executable, "-m", "handoff", "run", "--log-format", "json",
-            "--bind", "127.0.0.1:0", *args, "--", *command,
-        ]  # fmt: skip
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
-        full_env.update(env or {})
-        self.events: list[Event] = []
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._workers: dict[int, psutil.Process] = {}
-        read_end, write_end = os.pipe()
-        try:
-            self.process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=write_end,
-                stderr=write_end,
-                env=full_env,
-                cwd=cwd,
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
-        self.process.stdout = open(read_end, "rb")  # noqa: SIM115 - Master.kill closes it
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-
-@contextlib.contextmanager
-def prefixed(
-    prefix: Sequence[str], command: Sequence[str], **kwargs: object
-) -> Iterator[PrefixedMaster]:
-    master = PrefixedMaster(prefix, command, **kwargs)  # type: ignore[arg-type]
-    try:
-        yield master
-    finally:
-        master.kill()
 
 
 @pytest.fixture
@@ -117,30 +55,6 @@ def public_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def python_for(uid: int) -> str:
-    """A Python >= 3.11 that `uid` may execute and that imports the demo app from SRC.
-
-    The test's interpreter may live where only root can reach (under /root): a master
-    running as `uid` could not exec it for its workers. The probe execs the candidate
-    from a shell already running as `uid`, as the master will (setpriv itself still has
-    root's capabilities when it execs its command).
-    """
-    check = "import sys; assert sys.version_info >= (3, 11); import handoff.demo.app"
-    for candidate in (sys.executable, "/usr/bin/python3"):
-        as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-        probe = subprocess.run(
-            [*as_uid, "/bin/sh", "-c", 'exec "$0" -c "$1"', candidate, check],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            env=client_env({"PYTHONPATH": str(SRC)}),
-            timeout=30,
-            check=False,
-        )
-        if probe.returncode == 0:
-            return candidate
-    pytest.skip(f"no Python >= 3.11 that uid {uid} may execute")
 
 
 # -- what the kernel shows -----------------------------------------------------------------

@@ -3,8 +3,10 @@
 A test unit is the example file itself with the venv path substituted (so its hardening,
 KillMode=, fd store, ExecReload= ... are what runs), plus a drop-in that changes only what
 has to differ on a test machine: the app (handoff's demo app instead of uvicorn), the
-port, the working and runtime directories, and (when the test venv is not readable by an
-unprivileged user) the user. Everything a drop-in changes is listed in ``adapt_service``.
+port, the working and runtime directories (the example's release directory and env file,
+--chdir and --env-file, are left out unless a test gives its own), and (when the test
+venv is not readable by an unprivileged user) the user. Everything a drop-in changes is
+listed in ``adapt_service``.
 """
 
 from __future__ import annotations
@@ -239,7 +241,12 @@ def adapt_service(
     for old, new in (renames or {}).items():
         text = text.replace(old, new)
     handoff_argv, _ = split_exec_start(text)
-    changes: dict[str, str | None] = {"--workers": str(workers)}
+    # The example's /opt/myapp/current and shared/app.env do not exist here.
+    changes: dict[str, str | None] = {
+        "--workers": str(workers),
+        "--chdir": None,
+        "--env-file": None,
+    }
     if port is not None:
         assert option(handoff_argv, "--bind") is not None
         changes["--bind"] = f"127.0.0.1:{port}"

@@ -41,6 +41,7 @@ class FakeSystem:
     accepting: set[Pid] = field(default_factory=set)  # workers a scan finds accepting
     descendants: dict[Pid, Pid] = field(default_factory=dict)  # process -> its worker
     unwatchable_next: bool = False  # the next child's pidfd is one epoll refuses (EPERM)
+    directories: dict[Pid, str] = field(default_factory=dict)  # /proc/PID/cwd, as set
     _failures: dict[str, BaseException] = field(default_factory=dict)
     _next_pid: int = FIRST_FAKE_PID
 
@@ -80,7 +81,7 @@ class FakeSystem:
             self.unwatchable_next = False
             os.close(reader)
             reader = os.memfd_create("unwatchable", os.MFD_CLOEXEC)
-        child = Child(Pid(self._next_pid), reader)
+        child = Child(Pid(self._next_pid), reader, exec_seen=True)
         self._next_pid += 1
         self.processes[child.pid] = FakeProcess(child, writer, request)
         return child
@@ -114,7 +115,9 @@ class FakeSystem:
         self._call("detach", pid)
         return Detachment(processes=1, registrations=len(listeners))
 
-    def scan(self, pid: Pid, inodes: Collection[int]) -> TreeScan:
+    def scan(
+        self, pid: Pid, inodes: Collection[int], addresses: object = None, *, tables: bool = True
+    ) -> TreeScan:
         self._call("scan", pid)
         accepting = 1 if pid in self.accepting else 0
         return TreeScan(processes=1, accepting=accepting, kinds=frozenset())
@@ -134,6 +137,9 @@ class FakeSystem:
 
     def set_title(self, title: str) -> None:
         self.calls.append(("set_title", title))
+
+    def directory(self, pid: Pid) -> str | None:
+        return self.directories.get(pid)
 
 
 class PipeSource:

@@ -278,7 +278,8 @@ def test_first_generation_worker_exit_fails_and_exits_3_after_all_reaped(
     out = loop.exit(p0, code=code, sig=sig)
 
     reason = f"worker 0 (pid {p0}) {described} before it was ready"
-    assert report(out, "generation.failed").fields == {"gen": 1, "reason": reason}
+    failed = {"gen": 1, "worker": 0, "pid": p0, "reason": reason}  # who: for its output
+    assert report(out, "generation.failed").fields == failed
     assert report(out, "master.never_ready").fields == {"reason": reason}
     assert "master.stopping" in names(out)
     assert report(out, "worker.exited").fields["expected"] is False
@@ -444,7 +445,9 @@ def test_reload_failure_keeps_the_old_generation_untouched(
 
     assert report(out, "reload.failed").fields["reason"] == reason
     assert report(out, "reload.failed").level == "error"
-    assert report(out, "generation.failed").fields == {"gen": 2, "reason": reason}
+    failed = report(out, "generation.failed").fields
+    assert (failed["gen"], failed["reason"]) == (2, reason)
+    assert f"worker {failed['worker']} (pid {failed['pid']})" in reason  # who: for its output
     targets = {a.pid for a in loop.log if isinstance(a, act.SendSignal | act.KillTree)}
     assert not targets & set(old), "the old generation must not be signalled"
     assert targets == set(loop.pids(2)), "the failed generation's live workers are stopped"

@@ -32,7 +32,9 @@ class ScriptedScans(FakeSystem):
 
     answers: dict[Pid, TreeScan | Exception] = field(default_factory=dict)
 
-    def scan(self, pid: Pid, inodes: Collection[int]) -> TreeScan:
+    def scan(
+        self, pid: Pid, inodes: Collection[int], addresses: object = None, *, tables: bool = True
+    ) -> TreeScan:
         self._call("scan", pid)
         answer = self.answers[pid]
         if isinstance(answer, Exception):

@@ -289,8 +289,39 @@ def test_a_stored_listener_is_adopted_instead_of_bound_again() -> None:
     passed = {store_name(tcp): 3, store_name(unix): 4}
     assert resolve((tcp, unix), passed) == (
         BindSpec(kind=BindKind.FD, text="127.0.0.1:8000", fd=3, name=store_name(tcp)),
-        BindSpec(kind=BindKind.FD, text="unix:/run/app/web.sock", fd=4, name=store_name(unix)),
+        BindSpec(
+            kind=BindKind.FD,
+            text="unix:/run/app/web.sock",
+            fd=4,
+            name=store_name(unix),
+            path="/run/app/web.sock",
+        ),
     )
+
+
+def test_a_unix_socket_is_stored_under_its_path_whatever_its_options() -> None:
+    plain = parse_bind("unix:/run/app/web.sock")
+    with_options = parse_bind("unix:/run/app/web.sock,mode=0660,owner=nobody,group=www-data")
+    assert store_name(with_options) == store_name(plain) == "handoff_unix_/run/app/web.sock"
+    assert store_name(parse_bind("unix:/run/app/web.sock,mode=0600")) == store_name(plain)
+    assert store_name(parse_bind("unix:/run/app/other.sock,mode=0660")) != store_name(plain)
+
+
+def test_a_stored_unix_socket_is_adopted_with_the_options_of_this_start() -> None:
+    """Stored by a start without options, adopted by one with them (and the reverse):
+    the same socket, whose file gets the mode and owner given now."""
+    before = parse_bind("unix:/run/app/web.sock")
+    now = parse_bind("unix:/run/app/web.sock,mode=0660,group=www-data")
+    (adopted,) = resolve((now,), {store_name(before): 7})
+    assert (adopted.kind, adopted.fd, adopted.name) == (BindKind.FD, 7, store_name(before))
+    assert (adopted.path, adopted.mode, adopted.group, adopted.owner) == (
+        "/run/app/web.sock",
+        0o660,
+        "www-data",
+        "",
+    )
+    (back,) = resolve((before,), {store_name(now): 8})
+    assert (back.fd, back.mode, back.group) == (8, None, "")
 
 
 def test_binds_without_a_stored_listener_are_bound_as_given() -> None:

@@ -88,10 +88,13 @@ def reload(
                 gen, duration = line.get("gen"), line.get("duration_s")
                 click.echo(f"reload succeeded: generation {gen} serving ({duration} s)")
                 return 0
+            output = last_output(line)
+            for shown in output:
+                click.echo(shown, err=True)  # under systemd: in the journal, in `status`
             raise HandoffError(
                 f"reload failed: {line.get('reason')}",
-                hint="the old generation is still serving; the worker's output is in the "
-                "master's log",
+                hint="the old generation is still serving; the worker's last output is "
+                + ("above" if output else "in the master's log"),
             )
     raise HandoffError("the master closed the connection before the reload ended")
 
@@ -185,6 +188,17 @@ def upgrade(
     raise HandoffError("the master closed the connection before the upgrade ended")
 
 
+def last_output(result: Mapping[str, object]) -> list[str]:
+    """The failing worker's last lines in a reload's result (``output``), indented under a
+    heading that names it; none if the master did not read them (direct output)."""
+    output = result.get("output")
+    if not isinstance(output, list) or not output:
+        return []
+    who = f"worker {result.get('worker')} (pid {result.get('pid')})" if "pid" in result else ""
+    heading = f"  last output of {who or 'the worker'}, generation {result.get('gen')}:"
+    return [heading, *(f"  | {text}" for text in output)]
+
+
 def render_status(report: Mapping[str, Any]) -> str:
     """The status as a readable table."""
     master = report["master"]
@@ -199,6 +213,7 @@ def render_status(report: Mapping[str, Any]) -> str:
     if last:
         outcome = "ok" if last["ok"] else f"failed: {last['reason']}"
         lines.append(f"reload   generation {last['gen']} {outcome} ({last['duration_s']} s)")
+        lines.extend(last_output(last))
     lines.append("")
     lines.append(
         f"{'gen':>4} {'state':<9} {'worker':>6} {'pid':>8} {'state':<9} {'age s':>8} "

@@ -20,11 +20,13 @@ from handoff import __version__
 from handoff.cli import control_commands
 from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, EXIT_USAGE, ConfigError, HandoffError
 from handoff.formats import options
+from handoff.formats.http_check import StatusRanges, parse_statuses
 from handoff.formats.options import LogFormat, RunConfig, Timeouts
 from handoff.master.logs import LEVELS, configure
 from handoff.master.resume_state import PREFLIGHT_VARIABLE, RESUME_VARIABLE
 from handoff.master.serve import serve
 from handoff.master.upgrade import run_preflight
+from handoff.system import deploy_paths, users
 
 
 class _Parsed(click.ParamType):  # type: ignore[type-arg,unused-ignore]
@@ -133,6 +135,18 @@ def cli() -> None:
     help="Seconds a new worker has to become ready before its generation fails.",
 )
 @click.option(
+    "--ready-status",
+    type=_Parsed("CODES", parse_statuses),
+    default=None,
+    help="With --ready http:PATH, the answers that count as ready. Default 200-299.",
+)
+@click.option(
+    "--ready-try-timeout",
+    type=_duration("--ready-try-timeout"),
+    default=None,
+    help="With --ready http:PATH, seconds one try may take. Default 2.",
+)
+@click.option(
     "--stop-signal",
     type=_Parsed("SIGNAL", options.parse_signal),
     default="TERM",
@@ -154,6 +168,21 @@ def cli() -> None:
     help="Seconds between taking an old worker off the listening socket and its stop signal.",
 )
 @click.option(
+    "--chdir",
+    metavar="DIR",
+    default=None,
+    help="The workers' directory, entered by each worker as it starts (a reload follows a "
+    "flipped release symlink). Default: where handoff was started, by name ($PWD).",
+)
+@click.option(
+    "--env-file",
+    "env_files",
+    metavar="PATH",
+    multiple=True,
+    help="Set the workers' variables from this file (repeatable; systemd EnvironmentFile= "
+    "syntax), read again at every reload.",
+)
+@click.option(
     "--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the master's pid here."
 )
 @click.option(
@@ -171,6 +200,19 @@ def cli() -> None:
     help="Also let members of this group use the control socket.",
 )
 @click.option(
+    "--user",
+    metavar="USER",
+    default=None,
+    help="Run the workers (and exec: probes) as this user (name or uid), with its groups; "
+    "handoff keeps its own privileges and the sockets.",
+)
+@click.option(
+    "--group",
+    metavar="GROUP",
+    default=None,
+    help="The workers' group (name or gid). Default with --user: the user's primary group.",
+)
+@click.option(
     "--name", default=None, help="Name in process titles and logs. Default: COMMAND's basename."
 )
 @click.option(
@@ -181,6 +223,15 @@ def cli() -> None:
     help="auto: console on a terminal, JSON lines otherwise.",
 )
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+@click.option(
+    "--worker-output",
+    type=click.Choice([mode.value for mode in options.WorkerOutput]),
+    default=options.WorkerOutput.ATTRIBUTED.value,
+    show_default=True,
+    help="attributed: each worker's stdout and stderr go through the master, every line "
+    "tagged with its generation and worker, and a failed reload shows the worker's last "
+    "lines; direct: the workers write to handoff's own stdout and stderr, untouched.",
+)
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARG]...")
 def run(
     binds: tuple[options.BindSpec, ...],
@@ -188,15 +239,22 @@ def run(
     workers: int,
     ready: options.ReadySpec,
     ready_timeout: float,
+    ready_status: StatusRanges | None,
+    ready_try_timeout: float | None,
     stop_signal: signal.Signals,
     drain_timeout: float,
     settle: float,
+    chdir: str | None,
+    env_files: tuple[str, ...],
     pidfile: str | None,
     control_path: str | None,
     control_group: int | None,
+    user: str | None,
+    group: str | None,
     name: str | None,
     log_format: str,
     log_level: str,
+    worker_output: str,
     command: tuple[str, ...],
 ) -> int:
     """Run COMMAND as supervised workers on sockets handoff owns.
@@ -209,17 +267,26 @@ def run(
     # must not stop serving because the release it started from is gone by now, nor
     # wait on a hung mount to look; its workers look the command up themselves.
     fresh = RESUME_VARIABLE not in os.environ and PREFLIGHT_VARIABLE not in os.environ
-    if fresh and shutil.which(command[0]) is None:
+    start = deploy_paths.start_directory(os.environ, fresh=fresh)
+    workdir = deploy_paths.workers_directory(chdir, start, fresh=fresh)
+    env_files = deploy_paths.absolute_paths(env_files, start)
+    if fresh:
+        deploy_paths.read_env_files(env_files)  # a missing or malformed file: exit 2
+    if fresh and shutil.which(deploy_paths.in_directory(command[0], workdir)) is None:
         raise ConfigError(
             f"command not found: '{command[0]}' (searched PATH)",
             hint="check the spelling, or give the full path to the executable",
         )
+    # Resolved once, here; a master re-executed in place takes what it carried.
+    identity = users.identity_for_run(user, group, os.environ, fresh=fresh)
+    if fresh:
+        users.check_socket_owners(binds)  # unix:PATH,owner=,group= names exist
     run_config = RunConfig(
         command=command,
         binds=binds,
         backlog=backlog,
         workers=workers,
-        ready=ready,
+        ready=options.with_http_options(ready, ready_status, ready_try_timeout),
         timeouts=Timeouts(ready_s=ready_timeout, drain_s=drain_timeout, settle_s=settle),
         stop_signal=stop_signal,
         pidfile=pidfile,
@@ -229,6 +296,10 @@ def run(
             os.environ, os.geteuid(), name or os.path.basename(command[0])
         ),
         control_group=control_group,
+        identity=identity,
+        workdir=workdir,
+        env_files=env_files,
+        worker_output=options.WorkerOutput(worker_output),
     )
     if PREFLIGHT_VARIABLE in os.environ:  # this is the pre-flight of an upgrade
         return run_preflight(os.environ, sys.stdout)

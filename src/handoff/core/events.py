@@ -92,6 +92,10 @@ class ProbeFinished:
     pid: Pid
     ok: bool
     detail: str = ""
+    # http: only. asked: this was an HTTP try (past the /proc scan), retried on the slower
+    # http backoff; answer: the worker's own answer ("HTTP 503 Service Unavailable").
+    asked: bool = False
+    answer: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

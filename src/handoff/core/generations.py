@@ -107,7 +107,13 @@ class Generations:
         connections). The caller calls ``check_gone`` once it has acted on the failure."""
         _require(gen, GenerationState.STARTING)
         gen.state = GenerationState.FAILED
-        out.append(act.report(EventName.GENERATION_FAILED, Level.ERROR, gen=gen.id, reason=reason))
+        # The worker whose exit or timeout failed it (none: a spawn failed), named so that
+        # the loop can attach that worker's last output lines to the reload's result.
+        culprit = gen.failed_by
+        named = {} if culprit is None else {"worker": culprit.slot, "pid": culprit.pid}
+        out.append(
+            act.report(EventName.GENERATION_FAILED, Level.ERROR, gen=gen.id, **named, reason=reason)
+        )
         for worker in gen.live_workers():
             self.workers.stop(worker, out)
 
@@ -190,7 +196,10 @@ class Generations:
         if exited.lost_reason:
             slot = exited.worker.slot
             reason = exited.lost_reason
-            change = self._lost(gen, slot, exited.was_ready_at, reason=reason, now=now, out=out)
+            ready_at = exited.was_ready_at
+            change = self._lost(
+                gen, slot, ready_at, reason=reason, now=now, out=out, worker=exited.worker
+            )
         self.check_gone(gen, out)
         return change
 
@@ -204,12 +213,10 @@ class Generations:
             return self._ready(worker, "notify", now, out)
         return None
 
-    def probe_finished(
-        self, pid: Pid, ok: bool, detail: str, now: float, out: list[act.Action]
-    ) -> Change:
-        worker = self.workers.get(pid)
-        if worker is not None and self.readiness.probe_finished(worker, ok, detail, out):
-            return self._ready(worker, self._policy.ready.mode.value, now, out, detail)
+    def probe_finished(self, event: ev.ProbeFinished, now: float, out: list[act.Action]) -> Change:
+        worker = self.workers.get(event.pid)
+        if worker is not None and self.readiness.probe_finished(worker, event, out):
+            return self._ready(worker, self._policy.ready.mode.value, now, out, event.detail)
         return None
 
     def on_worker_timer(self, key: TimerKey, now: float, out: list[act.Action]) -> Change:
@@ -273,10 +280,12 @@ class Generations:
         reason: str,
         now: float,
         out: list[act.Action],
+        worker: Worker | None = None,
     ) -> Change:
         """A worker died, or never started: its starting generation fails, or it respawns."""
         match gen.state:
             case GenerationState.STARTING:
+                gen.failed_by = worker
                 return Failing(gen, reason)
             case GenerationState.ACTIVE:
                 ready_for = None if ready_at is None else now - ready_at
@@ -293,12 +302,14 @@ class Generations:
         gen = self.by_id[worker.gen]
         timeout = self._policy.ready_timeout_s
         reason = f"worker {worker.slot} (pid {worker.pid}) not ready after {timeout:g} s"
+        reason += self.readiness.last_seen(worker)  # http: the worker's last answer
         out.append(
             act.report(
                 EventName.WORKER_NOT_READY, Level.ERROR, **worker_fields(worker), reason=reason
             )
         )
         if gen.state is GenerationState.STARTING:
+            gen.failed_by = worker
             return Failing(gen, reason)
         # A respawned worker of the active generation: stop it, and respawn its slot only
         # once it has exited, so that a slot never has two workers.

@@ -113,8 +113,8 @@ class Supervisor:
                 self._act_on(gens.exited(pid, status, now, out), now, out)
             case ev.WorkerNotified():
                 self._act_on(gens.notified(event, now, out), now, out)
-            case ev.ProbeFinished(pid=pid, ok=ok, detail=detail):
-                self._act_on(gens.probe_finished(pid, ok, detail, now, out), now, out)
+            case ev.ProbeFinished():
+                self._act_on(gens.probe_finished(event, now, out), now, out)
             case ev.TimerFired(key=key) if key.kind is TimerKind.RESPAWN:
                 gens.respawn_due(key, stopping=self.state is MasterState.STOPPING, out=out)
             case ev.TimerFired(key=key):

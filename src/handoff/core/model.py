@@ -120,6 +120,7 @@ class Generation:
     started_at: float
     workers: dict[Pid, Worker] = field(default_factory=dict)  # every worker not yet reaped
     spawning: set[int] = field(default_factory=set)  # slots asked to spawn, no answer yet
+    failed_by: Worker | None = None  # the worker whose exit or ready timeout failed it
 
     def live_workers(self) -> list[Worker]:
         return list(self.workers.values())

@@ -33,6 +33,10 @@ class Policy:
     # worker accepting and it being seen is added to the reload: 5 ms doubling to 50 ms.
     scan_base_s: float = 0.005
     scan_cap_s: float = 0.05
+    # http: each try is a short probe process (about 0.05 s of CPU): 0.05 s doubling to
+    # 0.5 s, so a worker that turns healthy is seen within half a second.
+    http_base_s: float = 0.05
+    http_cap_s: float = 0.5
     # auto: after READY=1, how long /proc may take to show a process accepting before
     # READY=1 is taken on its own word (a server that accepts in a way /proc cannot show).
     notify_grace_s: float = 2.0

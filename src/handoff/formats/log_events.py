@@ -67,6 +67,8 @@ class EventName(StrEnum):
     WORKER_EXITED = "worker.exited"
     WORKER_RESPAWN_SCHEDULED = "worker.respawn_scheduled"
     WORKER_CRASH_LOOP = "worker.crash_loop"
+    WORKER_OUTPUT = "worker.output"
+    ENV_FILES_LOADED = "env_files.loaded"
     DETACH_UNAVAILABLE = "detach.unavailable"
 
 

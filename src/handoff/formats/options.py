@@ -11,11 +11,18 @@ import math
 import re
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
 
 from handoff.errors import ConfigError
+from handoff.formats.http_check import (
+    DEFAULT_STATUSES,
+    DEFAULT_TRY_TIMEOUT_S,
+    StatusRanges,
+    parse_path,
+)
+from handoff.formats.identity import WorkerIdentity
 
 BIND_FORMS: Final = "HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N, fd:NAME"
 DEFAULT_BIND: Final = "127.0.0.1:8000"
@@ -44,17 +51,16 @@ class BindSpec:
     path: str = ""
     fd: int = -1
     name: str = ""  # fd:NAME, a socket systemd passed with that name
+    # unix:PATH,mode=0660,owner=USER,group=GROUP: set on the socket file before listen().
+    mode: int | None = None
+    owner: str = ""  # a user name or uid, resolved when the socket is bound
+    group: str = ""  # a group name or gid, likewise
 
 
 def parse_bind(text: str) -> BindSpec:
     """Parse one ``--bind`` value."""
     if text.startswith("unix:"):
-        path = text.removeprefix("unix:")
-        if not path:
-            raise ConfigError(f"'{text}': unix: needs a path (forms: {BIND_FORMS})")
-        if "\0" in path:
-            raise ConfigError(f"'{text}': a unix socket path cannot contain NUL")
-        return BindSpec(kind=BindKind.UNIX, text=text, path=path)
+        return _parse_unix(text)
     if text.startswith("fd:"):
         number = text.removeprefix("fd:")
         if is_decimal(number):
@@ -69,6 +75,48 @@ def parse_bind(text: str) -> BindSpec:
     if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"'{text}': port must be an integer 0-65535 (forms: {BIND_FORMS})")
     return BindSpec(kind=BindKind.TCP, text=text, host=host, port=int(port_text))
+
+
+UNIX_OPTIONS: Final = "mode=OCTAL, owner=USER, group=GROUP"
+# The options start at the first ',' followed by NAME=, so a path with a plain comma in
+# it binds as it always did.
+_UNIX_OPTIONS_START: Final = re.compile(r",(?=[A-Za-z_]+=)")
+
+
+def _parse_unix(text: str) -> BindSpec:
+    rest = text.removeprefix("unix:")
+    found = _UNIX_OPTIONS_START.search(rest)
+    path, options = (rest, "") if found is None else (rest[: found.start()], rest[found.end() :])
+    if not path:
+        raise ConfigError(f"'{text}': unix: needs a path (forms: {BIND_FORMS})")
+    if "\0" in path:
+        raise ConfigError(f"'{text}': a unix socket path cannot contain NUL")
+    values: dict[str, str] = {}
+    for item in options.split(",") if options else ():
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("mode", "owner", "group"):
+            raise ConfigError(f"'{text}': unknown unix socket option '{item}' ({UNIX_OPTIONS})")
+        if key in values:
+            raise ConfigError(f"'{text}': {key}= is given twice")
+        if not value or value != value.strip() or "\0" in value:
+            raise ConfigError(f"'{text}': {key}= needs a name or a number ({UNIX_OPTIONS})")
+        values[key] = value
+    mode = None
+    if "mode" in values:
+        digits = values["mode"]
+        if not (digits.isascii() and 1 <= len(digits) <= 4 and set(digits) <= set("01234567")):
+            raise ConfigError(f"'{text}': mode= takes octal permissions such as 0660")
+        mode = int(digits, 8)
+        if mode > 0o777:
+            raise ConfigError(f"'{text}': mode= takes permission bits only, 0000 to 0777")
+    return BindSpec(
+        kind=BindKind.UNIX,
+        text=text,
+        path=path,
+        mode=mode,
+        owner=values.get("owner", ""),
+        group=values.get("group", ""),
+    )
 
 
 def _split_host_port(text: str) -> tuple[str, str]:
@@ -147,15 +195,20 @@ class ReadyMode(StrEnum):
     NOTIFY = "notify"
     DELAY = "delay"
     EXEC = "exec"
+    HTTP = "http"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReadySpec:
-    """How a worker proves it is ready. READY=1 over the notify socket counts in every mode."""
+    """How a worker proves it is ready. READY=1 over the notify socket counts in every mode
+    but http: (there the worker must answer)."""
 
     mode: ReadyMode
     delay_s: float = 0.0
     command: str = ""
+    path: str = ""  # http:PATH
+    statuses: StatusRanges = DEFAULT_STATUSES  # --ready-status
+    try_timeout_s: float = DEFAULT_TRY_TIMEOUT_S  # --ready-try-timeout
 
     def describe(self) -> str:
         match self.mode:
@@ -163,11 +216,13 @@ class ReadySpec:
                 return f"delay:{self.delay_s:g}"
             case ReadyMode.EXEC:
                 return f"exec:{self.command}"
+            case ReadyMode.HTTP:
+                return f"http:{self.path}"
             case _:
                 return self.mode.value
 
 
-READY_FORMS: Final = "auto, notify, delay:SECONDS, exec:COMMAND"
+READY_FORMS: Final = "auto, notify, delay:SECONDS, exec:COMMAND, http:PATH"
 
 
 def parse_ready(text: str) -> ReadySpec:
@@ -187,14 +242,47 @@ def parse_ready(text: str) -> ReadySpec:
             )
         case "auto" if not argument:
             return ReadySpec(mode=ReadyMode.AUTO)
+        case "http":
+            return ReadySpec(mode=ReadyMode.HTTP, path=parse_path(argument))
         case _:
             raise ConfigError(f"'{text}': unknown readiness mode (choose {READY_FORMS})")
+
+
+def with_http_options(
+    ready: ReadySpec, statuses: StatusRanges | None, try_timeout_s: float | None
+) -> ReadySpec:
+    """--ready-status and --ready-try-timeout, which only --ready http:PATH takes."""
+    if ready.mode is not ReadyMode.HTTP:
+        given = "--ready-status" if statuses is not None else "--ready-try-timeout"
+        if statuses is not None or try_timeout_s is not None:
+            raise ConfigError(
+                f"{given} only applies to --ready http:PATH (not --ready {ready.describe()})",
+                hint="e.g. --ready http:/healthz --ready-status 200-299 --ready-try-timeout 2",
+            )
+        return ready
+    if try_timeout_s is not None and try_timeout_s <= 0:
+        raise ConfigError(
+            f"--ready-try-timeout must be above 0 seconds, not {try_timeout_s:g}",
+            hint="one try connects, sends GET PATH and reads the answer: e.g. 2",
+        )
+    return replace(
+        ready,
+        statuses=ready.statuses if statuses is None else statuses,
+        try_timeout_s=ready.try_timeout_s if try_timeout_s is None else try_timeout_s,
+    )
 
 
 class LogFormat(StrEnum):
     AUTO = "auto"
     CONSOLE = "console"
     JSON = "json"
+
+
+class WorkerOutput(StrEnum):
+    """--worker-output: where a worker's stdout and stderr go."""
+
+    ATTRIBUTED = "attributed"  # a pipe per worker, read by the master, lines attributed
+    DIRECT = "direct"  # the master's own stdout and stderr, untouched (no cost, no last words)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,6 +307,12 @@ class RunConfig:
     name: str
     control_path: str | None = None
     control_group: int | None = None
+    identity: WorkerIdentity | None = None  # --user, --group: who the workers run as
+    # Where each worker is started (--chdir, else the start directory by name), changed
+    # into by the worker itself at every spawn; None: the master's own directory.
+    workdir: str | None = None
+    env_files: tuple[str, ...] = ()  # --env-file, absolute; read at each generation's start
+    worker_output: WorkerOutput = WorkerOutput.ATTRIBUTED
 
 
 def parse_group(text: str) -> int:

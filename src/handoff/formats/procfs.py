@@ -7,11 +7,13 @@ target's inode in hex), and which system call a thread is blocked in
 (``/proc/PID/task/TID/syscall``: the number and its six arguments). Together they tell
 whether a process is really waiting for connections on a given socket, with no
 cooperation from the application. ``/proc/PID/stat`` and ``/proc/PID/task/TID/children``
-give the process tree, ``/proc/net/tcp`` the connections.
+give the process tree, ``/proc/net/tcp`` (for status) and ``unix`` the connections; which
+socket a process holds was accepted on which listening address (the matching rules).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import struct
 from collections.abc import Collection
@@ -52,6 +54,15 @@ POLLIN: Final = 0x001
 MAX_POLL_ENTRIES: Final = 4096
 MAX_SELECT_FDS: Final = 65536
 TCP_ESTABLISHED: Final = 0x01
+# The states (include/net/tcp_states.h) of a TCP socket a process can hold after accept():
+# ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING. Not LISTEN, not the
+# handshake states (a connection in the accept queue has no inode yet), and not CLOSE: a
+# socket merely bound to the port (SO_REUSEPORT) is CLOSE too, and was never accepted.
+TCP_AFTER_ACCEPT: Final = frozenset({0x01, 0x04, 0x05, 0x08, 0x09, 0x0B})
+WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})  # noqa: S104 - names, not a bind
+UNIX_STREAM: Final = 0x0001
+UNIX_CONNECTED: Final = 0x03  # SS_CONNECTED
+UNIX_ACCEPTCON: Final = 0x00010000  # __SO_ACCEPTCON: a listening socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,3 +240,109 @@ def established_inodes(tcp_table: str, ports: Collection[int]) -> set[int]:
         except ValueError:
             continue
     return inodes
+
+
+@dataclass(frozen=True, slots=True)
+class TcpEndpoint:
+    """An IP address (as ``ipaddress`` writes it) and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocket:
+    """A TCP socket as the kernel lists it (system/socket_diag.py)."""
+
+    inode: int
+    state: int
+    local: TcpEndpoint
+    remote: TcpEndpoint
+
+
+def _lines_of(table: str, inode: int, field_index: int) -> list[str]:
+    """The lines of a /proc/net table whose field_index-th field is inode.
+
+    Found by searching the text for the number (a C-speed scan), and only those lines
+    are split: the table holds every socket of the network namespace, the worker tree
+    only a few of them.
+    """
+    needle, text = f" {inode}", str(inode)
+    found = []
+    start = table.find(needle)
+    while start >= 0:
+        after = start + len(needle)
+        begin = table.rfind("\n", 0, start) + 1
+        end = table.find("\n", start)
+        end = len(table) if end < 0 else end
+        if after == end or table[after].isspace():
+            line = table[begin:end]
+            fields = line.split(maxsplit=field_index + 1)
+            if len(fields) > field_index and fields[field_index] == text:
+                found.append(line)
+        start = table.find(needle, after)
+    return found
+
+
+def listener_of(local: TcpEndpoint, listeners: Collection[TcpEndpoint]) -> TcpEndpoint | None:
+    """The listener whose address a connection's local end is: same port, and the same
+    address or a wildcard listener (0.0.0.0 or ::). IPv4-mapped IPv6 counts as IPv4."""
+    host = _unmapped(local.host)
+    for listener in listeners:
+        if listener.port == local.port and (
+            listener.host in WILDCARD_HOSTS or _unmapped(listener.host) == host
+        ):
+            return listener
+    return None
+
+
+def _unmapped(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def accepted_on(sock: TcpSocket, listeners: Collection[TcpEndpoint]) -> TcpEndpoint | None:
+    """The listener this socket was accepted on, if it is one of its connections: in a
+    post-accept state, with the listener's address as its local end."""
+    if sock.state not in TCP_AFTER_ACCEPT:
+        return None
+    return listener_of(sock.local, listeners)
+
+
+def unix_accepted(table: str, paths: Collection[str], inodes: Collection[int]) -> dict[int, str]:
+    """From /proc/net/unix: which of these inodes are stream connections accepted on a
+    listening socket at one of these paths (inode -> path).
+
+    An accepted socket carries its listener's address (the kernel copies it at connect
+    time), is connected, and is not listening itself; a client's socket has no path
+    unless it bound one. Abstract names are written '@name', as /proc shows them.
+    """
+    accepted: dict[int, str] = {}
+    for inode in inodes:
+        if inode <= 0:
+            continue
+        for line in _lines_of(table, inode, 6):
+            fields = line.split(maxsplit=7)  # the path may hold spaces
+            if len(fields) < 8:
+                continue
+            path = fields[7]
+            try:
+                flags, kind, state = int(fields[3], 16), int(fields[4], 16), int(fields[5], 16)
+            except ValueError:
+                continue
+            if (
+                kind == UNIX_STREAM
+                and state == UNIX_CONNECTED
+                and not flags & UNIX_ACCEPTCON
+                and path in paths
+            ):
+                accepted[inode] = path
+    return accepted

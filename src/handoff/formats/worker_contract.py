@@ -10,16 +10,19 @@ from collections.abc import Mapping, Sequence
 from typing import Final
 
 from handoff.errors import ConfigError
+from handoff.formats.identity import IDENTITY_VARIABLE
 
 FIRST_LISTEN_FD: Final = 3
 # Names of the listeners handoff itself stores in systemd's fd store (FDNAME=), told apart
 # from the names of sockets a .socket unit passes.
 FDSTORE_PREFIX: Final = "handoff_"
 # Variables that belong to the master's own supervisor (systemd), never to a worker:
-# a worker that inherited them would talk to PID 1 directly (sidekiq#5829).
+# a worker that inherited them would talk to PID 1 directly (sidekiq#5829). And the
+# master's own: the --user it carries across a re-exec.
 STRIPPED_VARIABLES: Final = frozenset(
-    {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
-)
+    {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+     IDENTITY_VARIABLE}
+)  # fmt: skip
 _PLACEHOLDER = re.compile(r"\{fd(\d*)\}")
 
 
@@ -41,14 +44,21 @@ def worker_environment(
     generation: int,
     slot: int,
     listen_fds: bool = True,
+    files: Mapping[str, str] | None = None,
+    workdir: str | None = None,
 ) -> dict[str, str]:
     """Build a worker's environment, without LISTEN_PID (only the child knows its pid).
 
     With listen_fds False (the command names its sockets with {fd} placeholders) the
     LISTEN_* variables are left out: a server that reads both, like gunicorn given
     --bind fd://3, would adopt the same socket twice.
+
+    files (its generation's --env-file variables) override base; handoff's own variables
+    override both. workdir: the directory the worker starts in, its PWD.
     """
-    env = clean_environment(base)
+    env = clean_environment({**base, **(files or {})})
+    if workdir is not None:
+        env["PWD"] = workdir
     if listen_fds:
         env["LISTEN_FDS"] = str(len(listener_names))
         env["LISTEN_FDNAMES"] = ":".join(listener_names)

@@ -189,7 +189,7 @@ class ControlServer:
                 outcome = view.last_reload
                 if outcome is not None:
                     for client in self._waiting.reloads.pop(outcome.gen, []):
-                        self._finish(client, _outcome_line(outcome))
+                        self._finish(client, _outcome_line(outcome, report.fields))
             case EventName.MASTER_STOPPING:
                 waiting, self._waiting.next_reload = self._waiting.next_reload, []
                 for client in waiting:
@@ -386,8 +386,13 @@ def _allowed(sock: socket.socket, group: int | None) -> bool:
     return group is not None and (gid == group or group in peer_groups(sock, pid))
 
 
-def _outcome_line(outcome: ReloadOutcome) -> bytes:
+def _outcome_line(outcome: ReloadOutcome, reported: Mapping[str, object] | None = None) -> bytes:
+    """reported: the fields of the reload's report; a failed one's worker, pid and output
+    (the failing worker's last lines, bounded: formats/worker_lines.py) are passed on."""
     result: dict[str, object] = {"gen": outcome.gen, "duration_s": outcome.duration_s}
     if not outcome.ok:
         result["reason"] = outcome.reason
+        for key in ("worker", "pid", "output"):
+            if reported is not None and key in reported:
+                result[key] = reported[key]
     return encode("result", ok=outcome.ok, **result)

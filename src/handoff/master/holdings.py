@@ -1,8 +1,10 @@
 """What the master holds for its whole life, across re-execs in place.
 
 The listening sockets, the workers' notify socket, the warden (its lifeline), the
-control socket when a re-exec kept it, the workers' fd limit, the failpoints still
-armed, and what a previous exec carried over (``Carried``). ``capture`` turns them, with
+control socket when a re-exec kept it, the workers' fd limit, each generation's
+``--env-file`` values and release directory, the workers' output pipes
+(``open_output``), the failpoints still armed, and what a previous exec carried over
+(``Carried``). ``capture`` turns them, with
 the machine's snapshot, into the ``ResumeState`` the next exec takes over from.
 """
 
@@ -12,11 +14,23 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from handoff.core.model import GenId
 from handoff.core.snapshot import MachineSnapshot
+from handoff.formats.options import RunConfig
 from handoff.master.failpoints import Failpoints
-from handoff.master.resume_state import ClientRecord, ListenerRecord, ResumeState, this_version
-from handoff.master.sources import NotifySource, WardenHandle
+from handoff.master.logs import LineWriter
+from handoff.master.resume_state import (
+    ClientRecord,
+    LastWords,
+    ListenerRecord,
+    OutputRecord,
+    ResumeState,
+    this_version,
+)
+from handoff.master.sources import NotifySource, Sources, WardenHandle
 from handoff.master.status import add_counters
+from handoff.master.worker_output import WorkerOutput
+from handoff.master.worker_output import build as build_output
 from handoff.system.output_relay import OutputRelay
 from handoff.system.sockets import Listener
 
@@ -31,6 +45,8 @@ class Carried:
     crashes: tuple[float, ...] = ()
     counters: Mapping[str, int] = field(default_factory=dict)
     version: str = ""
+    outputs: tuple[OutputRecord, ...] = ()  # the workers' output pipes
+    last_failure: LastWords | None = None  # the last failed reload's worker output
 
 
 @dataclass(slots=True, kw_only=True)
@@ -43,6 +59,32 @@ class Holdings:
     control_socket: socket.socket | None = None
     failpoints: Failpoints = field(default_factory=Failpoints)
     carried: Carried | None = None  # None: a fresh start
+    # gen -> the --env-file values it started with, the release directory it runs in
+    # (master/generation_setup.py fills and prunes them)
+    generation_env: dict[GenId, dict[str, str]] = field(default_factory=dict)
+    generation_dirs: dict[GenId, str] = field(default_factory=dict)
+    output: WorkerOutput | None = None  # the workers' output pipes: open_output
+
+    def open_output(
+        self,
+        config: RunConfig,
+        sources: Sources,
+        log: LineWriter | None,
+        environ: Mapping[str, str],
+    ) -> WorkerOutput:
+        """The workers' output (master/worker_output.py), with the pipes a re-exec handed
+        over; kept here to be handed over again."""
+        carried = self.carried
+        self.output = build_output(
+            config,
+            sources,
+            log,
+            environ,
+            relay=self.relay,
+            handed=carried.outputs if carried else (),
+            last_failure=carried.last_failure if carried else None,
+        )
+        return self.output
 
     def counters(self, log_lines_dropped: int) -> dict[str, int]:
         """What status counts: this master's own, the relay's, and what was carried."""
@@ -84,4 +126,8 @@ class Holdings:
             crashes=(carried.crashes if carried else ()) if crashes is None else crashes,
             failpoints=self.failpoints.spec(),
             counters={**counters, "reexecs": counters.get("reexecs", 0) + 1},
+            generation_env={str(gen): dict(env) for gen, env in self.generation_env.items()},
+            generation_dirs={str(gen): path for gen, path in self.generation_dirs.items()},
+            outputs=self.output.records() if self.output is not None else (),
+            last_failure=self.output.last_failure if self.output is not None else None,
         )

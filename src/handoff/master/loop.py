@@ -37,6 +37,7 @@ from handoff.master.sources import (
     Sources,
     Wakeup,
     Watch,
+    notified,
 )
 from handoff.master.status import build_status, process_title
 from handoff.master.system import System
@@ -92,18 +93,20 @@ class MasterLoop:
         self._machine = Supervisor(Policy.from_config(config))
         self._sources = Sources()
         self._timers = Timers()
+        self._output = holdings.open_output(config, self._sources, log, environ)
         self._workers = WorkerTable(
             system,
             self._sources,
             config,
-            listeners,
+            holdings,
             environ,
             timers=self._timers,
-            fd_limit=worker_fd_limit,
+            generations=lambda: self._machine.generations,
         )
         self._probes = Probes(
             system, self._sources, config.ready, listeners, environ, fd_limit=worker_fd_limit
         )
+        self._probes.run_as(config.identity)  # --user, --group
         self._failpoints = holdings.failpoints
         self._carried = holdings.carried or Carried(started_at=system.clock())
         self._started_at = self._carried.started_at
@@ -132,6 +135,7 @@ class MasterLoop:
             started_at=self._started_at,
             now=self._system.clock(),
             counters=self.counters(),
+            last_failure=self._output.last_failure,
         )
 
     def counters(self) -> dict[str, int]:
@@ -250,8 +254,11 @@ class MasterLoop:
                     self._on_signal(sig)
             case Source.WORKER:
                 self._feed_optional(self._workers.on_exit(watch.pid))
+            case Source.OUTPUT:
+                self._output.on_ready(watch.fd)
             case Source.NOTIFY:
-                self._on_notify()
+                for event in notified(self._notify, self._system, self._workers.pids()):
+                    self._feed(event)
             case Source.PROBE:
                 self._feed_optional(self._probes.on_exit(watch.pid))
             case Source.WARDEN:
@@ -279,17 +286,6 @@ class MasterLoop:
             tracked = {*self._workers.pids(), *self._probes.pids(), *self._upgrades.pids()}
             for pid in self._system.reap_strays(tracked | self._helpers):
                 emit(EventName.STRAY_REAPED, Level.DEBUG, pid=pid)
-
-    def _on_notify(self) -> None:
-        workers = self._workers.pids()
-        for sender, fields in self._notify.receive():
-            worker = self._system.owning_worker(sender, workers)
-            if worker is None:
-                reason = "not in a worker's process tree"
-                emit(EventName.NOTIFY_IGNORED, Level.DEBUG, sender=sender, reason=reason)
-                continue
-            ready = fields.get("READY") == "1"
-            self._feed(ev.WorkerNotified(pid=worker, ready=ready, status=fields.get("STATUS")))
 
     def _answer_upgrade(self, **fields: object) -> None:
         if self._control is not None:
@@ -329,7 +325,7 @@ class MasterLoop:
             self._feed(event)
 
     def _execute(self, action: act.Action) -> None:
-        match action:
+        match action := self._output.annotate(action):  # a failed start: its last output
             case act.SpawnWorker(gen=gen, slot=slot):
                 self._feed(self._workers.spawn(gen, slot, self._notify.address))
             case act.SendSignal(pid=pid, signal=sig):

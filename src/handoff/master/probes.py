@@ -1,7 +1,9 @@
 """Looking at workers from outside: readiness probes, ``auto`` scans and detaching.
 
 ``exec:COMMAND`` probes are short child processes whose exit status is the answer;
-``auto`` scans read /proc at once (system/accepting_scan.py). Detaching takes an old
+``auto`` scans read /proc at once (system/accepting_scan.py); ``http:PATH`` scans until
+the worker is seen accepting or serving, then runs HTTP tries, short processes that report
+on a pipe (master/http_probes.py). Detaching takes an old
 worker off the listening sockets before its stop signal (system/detach.py) and logs which
 path it took. Each call returns the event for the machine, if there is one.
 """
@@ -16,19 +18,28 @@ from handoff.core import events as ev
 from handoff.core.machine import Supervisor
 from handoff.core.model import GenId, Pid
 from handoff.errors import SpawnError
+from handoff.formats.identity import WorkerIdentity, user_environment
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import ReadyMode, ReadySpec
 from handoff.formats.worker_contract import clean_environment
+from handoff.master.http_probes import HttpTries
+from handoff.master.http_probes import finished as http_finished
 from handoff.master.logs import emit
 from handoff.master.sources import Source, Sources, Watch
 from handoff.master.system import System
 from handoff.master.workers import reap_watched, sweep
-from handoff.system.accepting_scan import ProcUnreadable
+from handoff.system.accepting_scan import ProcUnreadable, listen_addresses
 from handoff.system.capabilities import pidfd_getfd_refusal
 from handoff.system.children import Child, SpawnRequest
 from handoff.system.detach import Detachment
+from handoff.system.serving_scan import MAX_NET_TABLE_BYTES
 from handoff.system.sockets import Listener
 
+# At most one search per this many seconds of the kernel's socket lists for connections a
+# worker tree accepted, shared by all starting workers: the fallback where its sockets
+# cannot be looked at themselves (the kernel walks its whole TCP hash to answer: 5 to 10 ms
+# on this machine under churn). Looking at the sockets themselves is not limited.
+TABLES_INTERVAL_S = 0.05
 # How long a worker whose tree /proc will not show is left unscanned: it is only tried
 # again later (a uid change or a short-lived setuid helper passes), never given up on.
 UNSEEABLE_FOR_S = 1.0
@@ -36,7 +47,9 @@ UNSEEABLE_FOR_S = 1.0
 _UNAVAILABLE_HINT = (
     "--ready auto cannot see this worker (another user, hidepid, or a non-dumpable process: "
     "setuid, file capabilities, prctl PR_SET_DUMPABLE); READY=1 still counts for it, and "
-    "auto still works for the others; or choose --ready notify, delay:SECONDS or exec:COMMAND"
+    "auto still works for the others; or choose --ready notify, delay:SECONDS or exec:COMMAND "
+    "(workers of another --user: a master that is not root needs CAP_SYS_PTRACE and "
+    "CAP_DAC_READ_SEARCH)"
 )
 _NO_DETACH_HINT = (
     "a seccomp filter refuses pidfd_getfd (a container's profile, or systemd's "
@@ -46,6 +59,10 @@ _NO_DETACH_HINT = (
 _SKIPPED_HINT = (
     "processes of the tree that /proc will not show (non-dumpable: setuid, file "
     "capabilities, prctl PR_SET_DUMPABLE; another user) are skipped; the rest is scanned"
+)
+_TRUNCATED_HINT = (
+    "only the start of the table is searched for connections the worker accepted (one "
+    "scan reads at most that much); a worker seen waiting for connections still counts"
 )
 _BLIND_HINT = (
     "/proc/PID/task/*/syscall and /proc/PID/mem need ptrace-attach access: "
@@ -60,6 +77,7 @@ class Probe:
     worker: Pid
     child: Child
     cancelled: bool = False
+    report: int = -1  # http: the read end of the try's report pipe
 
 
 class Probes:
@@ -96,9 +114,18 @@ class Probes:
         self._environ = dict(environ)
         # inode -> the master's fd: how /proc names our sockets in a worker's tables.
         self._listener_inodes = {os.fstat(lst.fileno()).st_ino: lst.fileno() for lst in listeners}
+        # Their addresses: a connection accepted on one proves a worker serves (auto).
+        self._addresses = listen_addresses(lst.sock for lst in listeners)
+        self._tables_searched_at = -TABLES_INTERVAL_S
         self._unseeable: dict[Pid, float] = {}  # worker -> when to scan it again
+        self._identity: WorkerIdentity | None = None
         self._warned: set[EventName | str] = set()
         self._running: dict[Pid, Probe] = {}
+        self._http = HttpTries(ready, listeners, environ)
+
+    def run_as(self, identity: WorkerIdentity | None) -> None:
+        """exec: probes run as the workers do (--user, --group), with their HOME, USER, ..."""
+        self._identity = identity
 
     def pids(self) -> list[Pid]:
         """The probe processes' own pids (they are the master's children too)."""
@@ -108,7 +135,9 @@ class Probes:
         """Start one probe of the worker: a scan answers at once, a command when it exits."""
         if self._ready.mode is ReadyMode.AUTO:
             return self._scan(worker)
-        env = clean_environment(self._environ)
+        if self._ready.mode is ReadyMode.HTTP:
+            return self._http_try(worker)
+        env = clean_environment({**self._environ, **user_environment(self._identity)})
         env.update(
             HANDOFF_WORKER_PID=str(worker), HANDOFF_GENERATION=str(gen), HANDOFF_WORKER=str(slot)
         )
@@ -119,12 +148,42 @@ class Probes:
                     argv=["sh", "-c", self._ready.command],
                     env=env,
                     fd_soft_limit=self._fd_limit,
+                    identity=self._identity,  # switched to before the chdir below
+                    # The worker's own directory (its release, even if `current` was
+                    # flipped again since), entered by the probe: the master looks nowhere.
+                    cwd=f"/proc/{worker}/cwd",
                 )
             )
         except SpawnError as exc:
             return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)
         self._running[child.pid] = Probe(worker, child)
         # The watch names the probe (see the class docstring); the loop hands it to on_exit.
+        self._sources.watch(child.pidfd, Watch(Source.PROBE, child.pid))
+        return None
+
+    def _http_try(self, worker: Pid) -> ev.ProbeFinished | None:
+        """--ready http:PATH: the auto scan until /proc shows the worker accepting or
+        serving, then one HTTP try (a process; it answers when it exits)."""
+        if not self._http.seen_serving(worker):
+            found = self._scan(worker)
+            if not found.ok:
+                return found
+            self._http.note_serving(worker)
+        try:
+            request, report = self._http.request(worker, self._fd_limit)
+        except OSError as exc:
+            return ev.ProbeFinished(pid=worker, ok=False, detail=f"pipe2: {exc.strerror}")
+        except SpawnError as exc:
+            return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)
+        try:
+            child = self._system.spawn(request)
+        except SpawnError as exc:
+            os.close(report)
+            return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)
+        finally:
+            if request.output is not None:
+                os.close(request.output)
+        self._running[child.pid] = Probe(worker, child, report=report)
         self._sources.watch(child.pidfd, Watch(Source.PROBE, child.pid))
         return None
 
@@ -135,7 +194,10 @@ class Probes:
         if worker in self._unseeable:
             return ev.ProbeFinished(pid=worker, ok=False, detail="/proc cannot be read")
         try:
-            found = self._system.scan(worker, self._listener_inodes)
+            tables = now >= self._tables_searched_at + TABLES_INTERVAL_S
+            if tables:
+                self._tables_searched_at = now
+            found = self._system.scan(worker, self._listener_inodes, self._addresses, tables=tables)
         except ProcUnreadable as exc:
             self._unseeable[worker] = now + UNSEEABLE_FOR_S
             self._warn_once(EventName.READINESS_UNAVAILABLE, worker, str(exc), _UNAVAILABLE_HINT)
@@ -148,7 +210,11 @@ class Probes:
             pids = ", ".join(map(str, found.blind))
             reason = f"reading /proc/PID/task/*/syscall or mem was refused for {pids}"
             self._warn_once("blind", worker, reason, _BLIND_HINT)
-        return ev.ProbeFinished(pid=worker, ok=found.accepting > 0, detail=found.describe())
+        if found.truncated:
+            cut = "/".join(found.truncated)
+            reason = f"/proc/net/{cut} longer than {MAX_NET_TABLE_BYTES} bytes"
+            self._warn_once("truncated", worker, reason, _TRUNCATED_HINT)
+        return ev.ProbeFinished(pid=worker, ok=found.ready, detail=found.describe())
 
     def _warn_once(self, cause: EventName | str, worker: Pid, reason: str, hint: str) -> None:
         """Each cause is logged once per master: it is the host's setup, not the worker's."""
@@ -159,6 +225,7 @@ class Probes:
         emit(name, Level.WARNING, pid=worker, reason=reason, hint=hint)
 
     def cancel(self, worker: Pid) -> None:
+        self._http.forget(worker)
         for probe in self._running.values():
             if probe.worker == worker and not probe.cancelled:
                 probe.cancelled = True
@@ -176,6 +243,9 @@ class Probes:
         if status is None:
             return None
         del self._running[probe_pid]
+        if probe.report >= 0:
+            result = http_finished(probe.worker, probe.report, status)
+            return None if probe.cancelled else result
         if probe.cancelled:
             return None
         return ev.ProbeFinished(pid=probe.worker, ok=status.success, detail=status.describe())
@@ -184,6 +254,8 @@ class Probes:
         """At shutdown: kill and reap every probe still running."""
         for probe in self._running.values():
             sweep(self._system, self._sources, probe.child)
+            if probe.report >= 0:
+                os.close(probe.report)
         self._running.clear()
 
     def detach(self, pid: Pid, machine: Supervisor) -> None:

@@ -39,9 +39,13 @@ def progress_message(report: Report, gen: Generation | None) -> str | None:
             ready = gen.ready_count() if gen is not None else "?"
             size = gen.size if gen is not None else "?"
             return f"generation {number}: {ready} of {size} workers ready ({how})"
-        case EventName.WORKER_EXITED | EventName.WORKER_SPAWN_FAILED | EventName.WORKER_NOT_READY:
-            what = fields.get("status") or fields.get("reason")
-            return f"generation {number}: worker {fields.get('worker')} {what}"
+        case EventName.WORKER_SPAWN_FAILED:
+            why = fields.get("reason")
+            return f"generation {number}: worker {fields.get('worker')} not started: {why}"
+        case EventName.WORKER_EXITED:
+            return f"generation {number}: worker {fields.get('worker')} {fields.get('status')}"
+        case EventName.WORKER_NOT_READY:  # the reason names the worker already
+            return f"generation {number}: {fields.get('reason')}"
         case EventName.GENERATION_ACTIVE:
             return f"generation {number} serving ({fields.get('duration_s')} s after it started)"
         case EventName.GENERATION_DRAINING:

@@ -2,10 +2,11 @@
 
 The fds stay open across ``execve`` (their close-on-exec flag cleared): the listening
 sockets, the control socket and the clients waiting on it, the workers' notify socket,
-the warden's lifeline. Their numbers and meaning, the machine's snapshot and a few
-counters travel as one JSON document in a memfd whose number is in ``HANDOFF_RESUME``.
-The new master removes that variable at once (workers never see it), reads the document
-(bounded), validates all of it before it touches anything, and closes the memfd.
+the warden's lifeline, the read ends of the workers' output pipes. Their numbers and
+meaning, the machine's snapshot and a few counters travel as one JSON document in a
+memfd whose number is in ``HANDOFF_RESUME``. The new master removes that variable at
+once (workers never see it), reads the document (bounded), validates all of it before
+it touches anything, and closes the memfd.
 
 ``HANDOFF_PREFLIGHT`` carries the same document to the pre-flight of ``handoff upgrade``:
 the new code must be able to read it, or the upgrade does not happen.
@@ -73,6 +74,29 @@ class ClientRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OutputRecord:
+    """A worker's output pipe (master/worker_output.py): its read end, whose it is, the
+    unfinished line (bytes as surrogate escapes) and the last lines."""
+
+    fd: int
+    pid: int
+    gen: int
+    worker: int
+    partial: str = ""
+    tail: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LastWords:
+    """The last output lines of the worker that failed a reload (for ``handoff status``)."""
+
+    gen: int
+    worker: int
+    pid: int
+    lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ResumeState:
     reason: str  # "crash" or "upgrade"
     version: str  # the version of the code that wrote it
@@ -90,6 +114,10 @@ class ResumeState:
     crashes: tuple[float, ...] = ()  # when the master crashed recently (monotonic)
     failpoints: str = ""  # what is left of HANDOFF_FAILPOINT
     counters: dict[str, int] = field(default_factory=dict)
+    generation_env: dict[str, dict[str, str]] = field(default_factory=dict)  # --env-file
+    generation_dirs: dict[str, str] = field(default_factory=dict)  # --chdir, pinned
+    outputs: tuple[OutputRecord, ...] = ()  # the workers' output pipes
+    last_failure: LastWords | None = None
 
     def fds(self) -> list[int]:
         """Every fd that must stay open across the exec."""
@@ -100,6 +128,7 @@ class ResumeState:
             fds.append(self.control_fd)
         if self.relay is not None:
             fds += [fd for fd in self.relay[1:] if fd >= 0]
+        fds += [record.fd for record in self.outputs]
         return fds
 
     def to_json(self) -> bytes:
@@ -138,6 +167,18 @@ class ResumeState:
                 crashes=tuple(float(t) for t in data["crashes"]),
                 failpoints=str(data["failpoints"]),
                 counters={str(k): int(v) for k, v in data["counters"].items()},
+                # Absent in the state of a version before --env-file.
+                generation_env={
+                    str(int(gen)): {str(k): str(v) for k, v in env.items()}
+                    for gen, env in data.get("generation_env", {}).items()
+                },
+                generation_dirs={
+                    str(int(gen)): str(path)
+                    for gen, path in data.get("generation_dirs", {}).items()
+                },
+                # Absent in the state of a version before attributed worker output.
+                outputs=tuple(_output(item) for item in data.get("outputs", ())),
+                last_failure=_last_words(data.get("last_failure")),
             )
         except SnapshotError:
             raise
@@ -154,6 +195,28 @@ def _listener(item: dict[str, object]) -> ListenerRecord:
         address=str(item["address"]),
         name=str(item["name"]),
         created_path=None if item.get("created_path") is None else str(item["created_path"]),
+    )
+
+
+def _output(item: dict[str, object]) -> OutputRecord:
+    return OutputRecord(
+        fd=int(item["fd"]),  # type: ignore[call-overload]
+        pid=int(item["pid"]),  # type: ignore[call-overload]
+        gen=int(item["gen"]),  # type: ignore[call-overload]
+        worker=int(item["worker"]),  # type: ignore[call-overload]
+        partial=str(item["partial"]),
+        tail=tuple(str(line) for line in item["tail"]),  # type: ignore[attr-defined]
+    )
+
+
+def _last_words(item: dict[str, object] | None) -> LastWords | None:
+    if item is None:
+        return None
+    return LastWords(
+        gen=int(item["gen"]),  # type: ignore[call-overload]
+        worker=int(item["worker"]),  # type: ignore[call-overload]
+        pid=int(item["pid"]),  # type: ignore[call-overload]
+        lines=tuple(str(line) for line in item["lines"]),  # type: ignore[attr-defined]
     )
 
 

@@ -33,6 +33,7 @@ from handoff.system import children, runtime_files, systemd_sockets
 from handoff.system.output_relay import start_relay
 from handoff.system.signals import HANDLED, SignalInbox
 from handoff.system.sockets import close_listeners, default_backlog, open_listeners
+from handoff.system.users import notify_senders
 from handoff.system.warden import start_warden
 from handoff.system.worker_notify import NotifyServer
 
@@ -102,8 +103,9 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
             workers=run_config.workers,
             ready=run_config.ready.describe(),
             command=list(run_config.command),
+            user=run_config.identity.describe() if run_config.identity else None,
         )
-        notify = NotifyServer()
+        notify = NotifyServer(senders=notify_senders(run_config.identity))
         holdings = Holdings(
             listeners=listeners,
             notify=notify,

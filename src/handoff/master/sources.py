@@ -1,7 +1,8 @@
 """What the master loop waits on: one epoll selector, each fd tagged with its source,
 and the protocols of the loop's long-lived sources (the real ones are in system/).
 
-A turn handles what woke the loop in the order of ``Source``: signals first, then worker
+A turn handles what woke the loop in the order of ``Source``: signals first, then the
+workers' output (so a worker's last lines are read before its exit is handled), worker
 exits before notify messages and probe results, so a worker that died in the same pass is
 never counted ready; control clients last.
 """
@@ -11,17 +12,22 @@ from __future__ import annotations
 import contextlib
 import selectors
 import signal
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Final, Protocol
 
+from handoff.core import events as ev
 from handoff.core.model import Pid
+from handoff.formats.log_events import EventName, Level
+from handoff.master.logs import emit
 
 
 class Source(Enum):
     """What woke the loop; handled in this order."""
 
     SIGNALS = auto()
+    OUTPUT = auto()  # a worker's stdout and stderr pipe; the master's stderr, backlogged
     WORKER = auto()
     NOTIFY = auto()
     PROBE = auto()
@@ -37,8 +43,8 @@ NO_PID: Final = Pid(0)
 @dataclass(frozen=True, slots=True)
 class Watch:
     source: Source
-    pid: Pid = NO_PID  # the worker's, for WORKER; the probe's own, for PROBE
-    fd: int = -1  # a control client's socket
+    pid: Pid = NO_PID  # the worker's, for WORKER and OUTPUT; the probe's own, for PROBE
+    fd: int = -1  # a control client's socket; a worker's output pipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,27 @@ class NotifySource(Protocol):
     def fileno(self) -> int: ...
 
     def receive(self) -> list[tuple[Pid, dict[str, str]]]: ...
+
+
+class Owners(Protocol):
+    """Who owns a process (master/system.py's ``System`` is one)."""
+
+    def owning_worker(self, sender: Pid, workers: Collection[Pid]) -> Pid | None: ...
+
+
+def notified(
+    notify: NotifySource, owners: Owners, workers: Collection[Pid]
+) -> Iterator[ev.WorkerNotified]:
+    """The notify socket is readable: what each message says, as the worker it came from
+    (a sender in no worker's process tree is logged and ignored)."""
+    for sender, fields in notify.receive():
+        worker = owners.owning_worker(sender, workers)
+        if worker is None:
+            reason = "not in a worker's process tree"
+            emit(EventName.NOTIFY_IGNORED, Level.DEBUG, sender=sender, reason=reason)
+            continue
+        ready = fields.get("READY") == "1"
+        yield ev.WorkerNotified(pid=worker, ready=ready, status=fields.get("STATUS"))
 
 
 class WardenHandle(Protocol):

@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from handoff import __version__
 from handoff.core.machine import Supervisor
 from handoff.core.model import GenerationState
+from handoff.core.policy import ReloadOutcome
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD
+from handoff.master.resume_state import LastWords
 from handoff.system.process_tree import connection_inodes, tree_usage
 from handoff.system.sockets import Listener
 
@@ -28,8 +30,10 @@ def build_status(
     started_at: float,
     now: float,
     counters: Mapping[str, int] | None = None,
+    last_failure: LastWords | None = None,
 ) -> dict[str, object]:
-    """counters: what the master counts (``add_counters``), shown as they are."""
+    """counters: what the master counts (``add_counters``), shown as they are;
+    last_failure: the last lines of the worker that failed the last failed reload."""
     # One parse of the TCP tables per status, not one per process of every tree.
     connections = connection_inodes(listening_ports(listeners))
     generations = []
@@ -79,10 +83,22 @@ def build_status(
             "control": config.control_path or "",
         },
         "generations": generations,
-        "last_reload": None
-        if last is None
-        else {"gen": last.gen, "ok": last.ok, "reason": last.reason, "duration_s": last.duration_s},
+        "last_reload": None if last is None else _last_reload(last, last_failure),
     }
+
+
+def _last_reload(last: ReloadOutcome, failure: LastWords | None) -> dict[str, object]:
+    """The last reload; a failed one with the last output lines of the worker that failed
+    it, when the master read them (``--worker-output attributed``)."""
+    shown: dict[str, object] = {
+        "gen": last.gen,
+        "ok": last.ok,
+        "reason": last.reason,
+        "duration_s": last.duration_s,
+    }
+    if not last.ok and failure is not None and failure.gen == last.gen and failure.lines:
+        shown.update(worker=failure.worker, pid=failure.pid, output=list(failure.lines))
+    return shown
 
 
 def add_counters(carried: Mapping[str, int], **now: int) -> dict[str, int]:

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 from typing import Protocol
 
 from handoff.core.model import ExitStatus, Pid
-from handoff.system import accepting_scan, children, detach, process_tree
+from handoff.system import accepting_scan, children, deploy_paths, detach, process_tree
 from handoff.system.warden import Warden
 
 
@@ -58,8 +58,17 @@ class System(Protocol):
         """Take pid's tree off the listening sockets (inode -> the master's fd)."""
         ...
 
-    def scan(self, pid: Pid, inodes: Collection[int]) -> accepting_scan.TreeScan:
-        """Who in pid's tree waits on the sockets; raise ProcUnreadable if /proc says no."""
+    def scan(
+        self,
+        pid: Pid,
+        inodes: Collection[int],
+        addresses: accepting_scan.ListenAddresses | None = None,
+        *,
+        tables: bool = True,
+    ) -> accepting_scan.TreeScan:
+        """Who in pid's tree waits on the sockets, or serves a connection accepted on one
+        of these addresses (tables: the costly fallback allowed); raise ProcUnreadable if
+        /proc says no."""
         ...
 
     def owning_worker(self, sender: Pid, workers: Collection[Pid]) -> Pid | None:
@@ -76,6 +85,10 @@ class System(Protocol):
 
     def set_title(self, title: str) -> None:
         """The master's process title."""
+        ...
+
+    def directory(self, pid: Pid) -> str | None:
+        """The directory pid runs in, by the kernel's name for it; None if unknown."""
         ...
 
 
@@ -115,8 +128,15 @@ class RealSystem:
     def detach(self, pid: Pid, listeners: Mapping[int, int]) -> detach.Detachment:
         return detach.detach(pid, listeners)
 
-    def scan(self, pid: Pid, inodes: Collection[int]) -> accepting_scan.TreeScan:
-        return accepting_scan.scan_tree(pid, inodes)
+    def scan(
+        self,
+        pid: Pid,
+        inodes: Collection[int],
+        addresses: accepting_scan.ListenAddresses | None = None,
+        *,
+        tables: bool = True,
+    ) -> accepting_scan.TreeScan:
+        return accepting_scan.scan_tree(pid, inodes, addresses=addresses, tables=tables)
 
     def owning_worker(self, sender: Pid, workers: Collection[Pid]) -> Pid | None:
         return process_tree.owning_worker(sender, workers)
@@ -129,3 +149,6 @@ class RealSystem:
 
     def set_title(self, title: str) -> None:
         process_tree.set_title(title)
+
+    def directory(self, pid: Pid) -> str | None:
+        return deploy_paths.process_directory(pid)

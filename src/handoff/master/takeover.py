@@ -7,7 +7,8 @@ crash-looping or the exec fails, stop the workers gracefully instead: never SIGK
 worker for a bug in handoff.
 
 The new end (``take_over``): rebuild the listeners, the warden's lifeline, the notify
-and control sockets from the fds the state names, ask the kernel which children are
+and control sockets from the fds the state names (the workers' output pipes are read
+again by master/worker_output.py), ask the kernel which children are
 workers (system/adoption.py), kill the ``exec:`` probes that were running (they are
 started again), and build the ``Resumed`` event for the machine.
 """
@@ -36,6 +37,7 @@ from handoff.master.resume_state import ResumeState
 from handoff.system import adoption, children, process_tree
 from handoff.system.children import Child
 from handoff.system.output_relay import OutputRelay
+from handoff.system.users import notify_senders
 from handoff.system.warden import Warden
 from handoff.system.worker_notify import NotifyServer
 
@@ -82,7 +84,9 @@ class Handed:
 def take_over(state: ResumeState, config: RunConfig) -> Handed:
     """Rebuild what the state names, and which children are the workers."""
     warden = Warden.adopt(Pid(state.warden_pid), state.warden_lifeline)
-    notify = NotifyServer(adopt=(state.notify_fd, state.notify_address))
+    notify = NotifyServer(
+        notify_senders(config.identity), adopt=(state.notify_fd, state.notify_address)
+    )
     control_socket = None
     if state.control_fd is not None:
         control_socket = socket.socket(fileno=state.control_fd)
@@ -101,12 +105,16 @@ def take_over(state: ResumeState, config: RunConfig) -> Handed:
         worker_fd_limit=state.worker_fd_limit,
         control_socket=control_socket,
         failpoints=Failpoints(state.failpoints),
+        generation_env={GenId(int(gen)): env for gen, env in state.generation_env.items()},
+        generation_dirs={GenId(int(gen)): d for gen, d in state.generation_dirs.items()},
         carried=Carried(
             started_at=state.started_at,
             clients=state.clients,
             crashes=state.crashes,
             counters=state.counters,
             version=state.version,
+            outputs=state.outputs,
+            last_failure=state.last_failure,
         ),
     )
     resumed = ev.Resumed(snapshot=snapshot, found=tuple(found), reason=state.reason)

@@ -1,32 +1,38 @@
 """The worker table: the live worker processes, by pid, with their pidfds.
 
 Spawning builds what a worker gets (the command as it is on disk now, its argv with the
-fd placeholders filled in, its environment: docs/protocol.md) and watches its pidfd;
-an exit kills what is left of the worker's process group, reaps it and forgets it. The
-warden hears of every worker group as it comes and goes. Each call returns the event for
-the machine; the loop feeds it.
+fd placeholders filled in, its environment, its directory: docs/protocol.md) and watches
+its pidfd; an exit kills what is left of the worker's process group, reaps it and
+forgets it. The warden hears of every worker group as it comes and goes. Each call
+returns the event for the machine; the loop feeds it.
+
+Each generation's ``--env-file`` values and release directory: generation_setup.py. Each
+worker's stdout and stderr pipe, read before its exit is handled: worker_output.py.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 from handoff.core import events as ev
-from handoff.core.model import ExitStatus, GenId, Pid
+from handoff.core.model import ExitStatus, Generation, GenId, Pid
 from handoff.core.timers import TimerKey, TimerKind, Timers
 from handoff.errors import SpawnError
+from handoff.formats.identity import user_environment
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import (
     expand_placeholders,
     names_sockets_in_argv,
     worker_environment,
 )
+from handoff.master.generation_setup import GenerationSetup
+from handoff.master.holdings import Holdings
 from handoff.master.sources import Source, Sources, Watch
 from handoff.master.system import System
+from handoff.master.worker_output import WorkerOutput
 from handoff.system.children import Child, SpawnRequest
-from handoff.system.sockets import Listener
 
 
 class WorkerTable:
@@ -37,21 +43,23 @@ class WorkerTable:
         system: System,
         sources: Sources,
         config: RunConfig,
-        listeners: Sequence[Listener],
+        holdings: Holdings,
         environ: Mapping[str, str],
         *,
         timers: Timers,
-        fd_limit: int | None = None,
+        generations: Callable[[], Mapping[GenId, Generation]],
     ) -> None:
         self._system = system
         self._timers = timers  # read only: a stopping worker's settle and drain deadlines
         self._lingering: dict[Pid, float] = {}  # stopped workers' groups -> drain deadline
-        self._fd_limit = fd_limit
+        self._fd_limit = holdings.worker_fd_limit
         self._sources = sources
         self._config = config
-        self._listeners = listeners
+        self._listeners = holdings.listeners
         self._environ = dict(environ)
+        self._setup = GenerationSetup(system, config, holdings, generations)  # env, cwd
         self._children: dict[Pid, Child] = {}
+        self._output = holdings.output or WorkerOutput(sources, None)  # their stdout, stderr
 
     def pids(self) -> list[Pid]:
         return list(self._children)
@@ -62,17 +70,23 @@ class WorkerTable:
     def spawn(self, gen: GenId, slot: int, notify_address: str) -> ev.Event:
         """Start one worker; WorkerSpawned, or SpawnFailed with the reason."""
         config = self._config
+        pipe = None
         try:
+            files = self._setup.environment(gen)
+            directory = self._setup.directory(gen, self._children)
             argv = expand_placeholders(config.command, len(self._listeners))
             listen_fds = not names_sockets_in_argv(config.command)
             env = worker_environment(
-                self._environ,
+                {**self._environ, **user_environment(config.identity)},  # HOME, USER, ...
                 listener_names=[listener.name for listener in self._listeners],
                 notify_socket=notify_address,
                 generation=gen,
                 slot=slot,
                 listen_fds=listen_fds,
+                files=files,
+                workdir=directory,
             )
+            pipe = self._output.open_pipe()  # None: --worker-output direct
             child = self._system.spawn(
                 SpawnRequest(
                     # Looked up by the child, as it is on disk now (a reload picks up a
@@ -84,9 +98,14 @@ class WorkerTable:
                     listen_fds=[listener.fileno() for listener in self._listeners],
                     set_listen_pid=listen_fds,
                     fd_soft_limit=self._fd_limit,
+                    # Changed into by the child: a hung mount costs a worker, not the loop.
+                    cwd=directory,
+                    identity=config.identity,  # --user, --group
+                    output=pipe.write if pipe else None,
                 )
             )
         except SpawnError as exc:
+            self._output.discard(pipe)
             return ev.SpawnFailed(gen=gen, slot=slot, reason=exc.message)
         try:
             self._sources.watch(child.pidfd, Watch(Source.WORKER, child.pid))
@@ -94,9 +113,12 @@ class WorkerTable:
             # A worker the loop cannot see exit must not run: SIGCHLD reaps it as a stray.
             self._system.kill_group(child.pid)
             child.close()
+            self._output.discard(pipe)
             reason = f"watching the worker: {exc.strerror} ({errno.errorcode.get(exc.errno or 0)})"
             return ev.SpawnFailed(gen=gen, slot=slot, reason=reason)
         self._children[child.pid] = child
+        self._setup.spawned(gen, child)
+        self._output.attach(pipe, child.pid, gen, slot)
         self._system.guard(child.pid, guarded=True)
         return ev.WorkerSpawned(gen=gen, slot=slot, pid=child.pid)
 
@@ -117,6 +139,7 @@ class WorkerTable:
         first. They get the stop signal and the worker's drain deadline (``expire``),
         not an immediate SIGKILL.
         """
+        self._output.drain(pid)  # its last words are read before its exit is handled
         child = self._children[pid]
         lingering = self._drain_deadline(pid)
         if lingering is not None:
@@ -148,6 +171,7 @@ class WorkerTable:
             self._system.guard(pid, guarded=False)
         for pgid in list(self._lingering):
             self._end_group(pgid)
+        self._output.close()
 
     def _drain_deadline(self, pid: Pid) -> float | None:
         """When a stopping worker's drain ends; None if the worker was not stopping."""

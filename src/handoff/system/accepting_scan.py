@@ -6,6 +6,10 @@ one of its threads is blocked in accept/accept4 on it, or in poll/ppoll/select/p
 over it (the fd arrays are read from /proc/PID/mem, which the master may read as the
 parent of the tree or as root).
 
+And a tree that holds a connection it accepted on a listening socket is serving, which
+proves more than waiting does (system/serving_scan.py); looked for only when nobody was
+seen waiting, and only if the caller gives the listeners' addresses.
+
 What a scan costs: the tree walk (process_tree.py), then per process a listdir and a
 readlink per fd, the fdinfo of each epoll fd and, if it holds the socket, the syscall
 file of each thread and a few bytes of memory per blocked thread. Memory reads are
@@ -29,6 +33,8 @@ from typing import Final
 from handoff.core.model import Pid
 from handoff.formats.procfs import (
     EpollTarget,
+    TcpEndpoint,
+    TcpSocket,
     WaitKind,
     blocked_call,
     epoll_targets,
@@ -37,7 +43,17 @@ from handoff.formats.procfs import (
     select_window,
     socket_inode,
 )
-from handoff.system.process_tree import PROC, tree
+from handoff.system import socket_diag
+from handoff.system.process_tree import PROC, Member, tree
+from handoff.system.serving_scan import (
+    Held,
+    ListenAddresses,
+    accepted_through_fds,
+    listen_addresses,
+    serving,
+)
+
+__all__ = ["ListenAddresses", "ProcFiles", "ProcUnreadable", "TreeScan", "listen_addresses"]
 
 _MACHINE: Final = platform.machine()
 MEMORY_BUDGET: Final = 256 * 1024  # bytes of worker memory one scan may read
@@ -68,6 +84,26 @@ class ProcFiles:
         with open(self.path(pid, *parts), encoding="ascii", errors="replace") as f:
             return f.read()
 
+    def read_net(self, table: str, limit: int) -> tuple[str, bool]:
+        """The master's /proc/self/net/TABLE, up to limit bytes: (text, truncated).
+
+        "" if it cannot be read (no IPv6: no tcp6)."""
+        try:
+            with open(f"{self.root}/self/net/{table}", "rb") as f:
+                data = f.read(limit + 1)
+        except OSError:
+            return "", False
+        # surrogateescape: unix paths are bytes, and compare as Python's socket gives them
+        return data[:limit].decode("utf-8", "surrogateescape"), len(data) > limit
+
+    def tcp_connections(self, listening: Collection[TcpEndpoint], family: int) -> list[TcpSocket]:
+        return socket_diag.tcp_connections(listening, family)
+
+    def accepted_through_fds(
+        self, held: Held, addresses: ListenAddresses
+    ) -> tuple[str | None, bool]:
+        return accepted_through_fds(held, addresses)
+
     def read_memory(self, pid: int, address: int, size: int) -> bytes:
         """Bytes of pid's memory; b"" if they cannot be read. PermissionError if the kernel
         refuses the ptrace-level access /proc/PID/mem needs."""
@@ -95,10 +131,23 @@ class TreeScan:
     kinds: frozenset[WaitKind]
     unreadable: tuple[Pid, ...] = ()  # skipped: their /proc/PID/fd could not be read
     blind: tuple[Pid, ...] = ()  # their threads' syscall or mem could not be read
+    serving: int = 0  # processes holding a connection accepted on a listening socket
+    serving_on: str = ""  # the listening address of (one of) those connections
+    truncated: tuple[str, ...] = ()  # /proc/net tables of which only the start was read
+
+    @property
+    def ready(self) -> bool:
+        """A process waits for connections, or serves one it accepted."""
+        return self.accepting > 0 or self.serving > 0
 
     def describe(self) -> str:
         how = ", ".join(sorted(self.kinds)) or "none"
         text = f"accepting in {self.accepting} of {self.processes} processes ({how})"
+        if self.serving and not self.accepting:
+            text = (
+                f"serving a connection accepted on {self.serving_on} "
+                f"in {self.serving} of {self.processes} processes"
+            )
         if self.unreadable:
             text += f"; {len(self.unreadable)} could not be read"
         return text
@@ -120,6 +169,7 @@ class _Scan:
     budget_bytes: int = MEMORY_BUDGET
     budget_reads: int = MEMORY_READS
     blind: list[Pid] = field(default_factory=list)
+    held: list[Held] = field(default_factory=list)  # per process, its other sockets
 
     def memory(self, pid: Pid, address: int, size: int) -> bytes:
         if size > self.budget_bytes or self.budget_reads <= 0:
@@ -129,8 +179,17 @@ class _Scan:
         return self.files.read_memory(pid, address, size)
 
 
-def scan_tree(root: Pid, inodes: Collection[int], files: ProcFiles = PROC_FILES) -> TreeScan:
-    """How many processes of root's tree wait for connections on one of these sockets."""
+def scan_tree(
+    root: Pid,
+    inodes: Collection[int],
+    files: ProcFiles = PROC_FILES,
+    addresses: ListenAddresses | None = None,
+    *,
+    tables: bool = True,
+) -> TreeScan:
+    """How many processes of root's tree wait for connections on one of these sockets;
+    if none does and addresses are given, how many serve a connection accepted on one
+    (tables: see serving_scan.serving)."""
     members = tree(root, files.root)
     if not members:
         raise ProcUnreadable(f"cannot see /proc/{root}")
@@ -140,7 +199,7 @@ def scan_tree(root: Pid, inodes: Collection[int], files: ProcFiles = PROC_FILES)
     unreadable: list[Pid] = []
     for member in members:
         try:
-            waits = _process_waits(member.pid, inodes, scan)
+            waits = _process_waits(member, inodes, scan)
         except ProcUnreadable:
             unreadable.append(member.pid)
             continue
@@ -149,12 +208,19 @@ def scan_tree(root: Pid, inodes: Collection[int], files: ProcFiles = PROC_FILES)
             kinds |= waits
     if len(unreadable) == len(members):
         raise ProcUnreadable(f"cannot read /proc/{root}/fd (permission denied)")
+    serving_: dict[Pid, str] = {}
+    truncated: list[str] = []
+    if not accepting and addresses is not None:
+        serving_ = serving(scan.held, addresses, scan.files, truncated, tables=tables)
     return TreeScan(
         processes=len(members),
         accepting=accepting,
         kinds=frozenset(kinds),
         unreadable=tuple(unreadable),
         blind=tuple(scan.blind),
+        serving=len(serving_),
+        serving_on=next(iter(serving_.values()), ""),
+        truncated=tuple(truncated),
     )
 
 
@@ -184,14 +250,19 @@ def epoll_registrations(
                 yield epfd, targets
 
 
-def _process_waits(pid: Pid, inodes: Collection[int], scan: _Scan) -> set[WaitKind]:
-    """How pid waits for connections on one of the sockets (empty: it does not)."""
+def _process_waits(member: Member, inodes: Collection[int], scan: _Scan) -> set[WaitKind]:
+    """How a process waits for connections on one of the sockets (empty: it does not);
+    the other sockets it holds are noted in scan.held."""
+    pid = member.pid
     try:
         fds = process_fds(pid, scan.files)
     except PermissionError:
         raise ProcUnreadable(f"cannot read /proc/{pid}/fd (permission denied)") from None
     except (FileNotFoundError, ProcessLookupError):
         return set()  # it exited while we looked
+    others = {fd: inode for fd, inode in fds.sockets.items() if inode not in inodes}
+    if others:
+        scan.held.append(Held(member, others))
     waits: set[WaitKind] = set()
     with contextlib.suppress(PermissionError):  # fd was readable, fdinfo is too
         if any(True for _ in epoll_registrations(pid, fds, inodes, scan.files)):

@@ -2,12 +2,14 @@
 
 Why fork + execve and not subprocess: LISTEN_PID must be the
 worker's own pid, which only exists after fork. Forking is safe because the master is
-single-threaded. Between fork and exec the child only moves fds, resets signals and sets
-its session; an exec failure travels back as errno over a close-on-exec pipe.
+single-threaded. Between fork and exec the child only moves fds, resets signals, sets
+its session and changes directory; an exec failure (or a failed step before it, such as
+the chdir) travels back as errno over a close-on-exec pipe.
 
-Why the child searches PATH, and the wait for its exec is bounded: a release on a hung
-NFS or FUSE mount blocks ``stat`` and ``execve`` in D state. In the child that costs one
-worker; in the master it would freeze the loop (no reaping, no timers, no watchdog).
+Why the child searches PATH and changes directory, and the wait for its exec is
+bounded: a release on a hung NFS or FUSE mount blocks ``stat``, ``chdir`` and ``execve``
+in D state. In the child that costs one worker; in the master it would freeze the loop
+(no reaping, no timers, no watchdog).
 
 Why pidfds: a pidfd names one process for good, so a signal sent through it can never
 hit a recycled pid (descendants found in /proc are checked by start time instead),
@@ -29,15 +31,18 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 from handoff.core.model import ExitStatus, Pid
 from handoff.errors import PlatformError, SpawnError
+from handoff.formats.identity import WorkerIdentity
 from handoff.formats.worker_contract import FIRST_LISTEN_FD
 from handoff.system import signals
 
 _PR_SET_PDEATHSIG: Final = 1
 _PR_SET_CHILD_SUBREAPER: Final = 36
+_PR_CAP_AMBIENT: Final = 47
+_PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # How long spawn waits to learn whether execve worked. A child still in execve after
@@ -51,6 +56,9 @@ _NOT_HERE: Final = frozenset(
      errno.ETIMEDOUT}
 )  # fmt: skip
 _NOT_FOUND: Final = 0  # the errno slot of the child's report: no candidate was there
+# After the errno: a failed step's name follows this byte (an exec failure's path never
+# starts with NUL).
+_STEP: Final = b"\0"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,12 +77,20 @@ class SpawnRequest:
     fd_soft_limit: int | None = None
     # Where the child's stdout and stderr go (a pipe the master reads); None: the master's.
     output: int | None = None
+    # The directory the child changes into before its exec (resolved then: a symlink
+    # flipped since the last spawn is followed); None: the master's.
+    cwd: str | None = None
+    # --user/--group: the child switches to it right after setsid; None: the master's.
+    identity: WorkerIdentity | None = None
 
 
 @dataclass(slots=True)
 class Child:
     pid: Pid
     pidfd: int
+    # spawn saw the exec happen (its directory entered, its program running); False: it
+    # was still on its way (EXEC_RESULT_WAIT_S), or the child was adopted.
+    exec_seen: bool = False
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -144,11 +160,13 @@ def spawn(request: SpawnRequest, *, exec_wait_s: float = EXEC_RESULT_WAIT_S) -> 
         data = read_until_closed(read_end, exec_wait_s)
     finally:
         os.close(read_end)
-    child = Child(Pid(pid), pidfd)
+    child = Child(Pid(pid), pidfd, exec_seen=data is not None)
     if data and len(data) >= 4:
         wait(child, block=True)
         child.close()
         (code,) = struct.unpack("i", data[:4])
+        if data[4:5] == _STEP:  # a step before the exec failed; its name follows
+            raise SpawnError(f"{data[5:].decode(errors='replace')}: {os.strerror(code)}")
         if code == _NOT_FOUND:
             raise SpawnError(f"command not found: '{request.executable}'")
         path = os.fsdecode(data[4:]) or request.executable
@@ -218,11 +236,18 @@ def _exec_child(  # pragma: no cover - runs in the forked child
     report = struct.pack("i", _NOT_FOUND)
     try:
         os.setsid()
+        if request.identity is not None:  # first: PR_SET_PDEATHSIG is cleared by a switch
+            _switch_user(request.identity, error_pipe)
         if request.die_with_parent:
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:
                 os._exit(1)  # the master died before prctl took effect
         signals.reset_in_child()
+        if request.cwd is not None:
+            try:
+                os.chdir(request.cwd)
+            except OSError as exc:
+                _fail_step(error_pipe, f"chdir {request.cwd}", exc)
         count = len(request.listen_fds)
         top = FIRST_LISTEN_FD + count
         # Move every fd we keep above the target range first, so a dup2 never overwrites a
@@ -249,8 +274,11 @@ def _exec_child(  # pragma: no cover - runs in the forked child
             try:
                 os.execve(path, list(request.argv), env)
             except OSError as exc:
-                if not (searching and exc.errno in _NOT_HERE):
+                # EACCES (not ours to execute: --user) is what is reported if no other
+                # candidate is found, as execvp(3) does: not "command not found".
+                if not (searching and exc.errno in _NOT_HERE) or exc.errno == errno.EACCES:
                     report = struct.pack("i", exc.errno or errno.EIO) + os.fsencode(path)
+                if not (searching and exc.errno in _NOT_HERE):
                     break
     except OSError as exc:
         report = struct.pack("i", exc.errno or errno.EIO)
@@ -258,6 +286,38 @@ def _exec_child(  # pragma: no cover - runs in the forked child
         report = b""
     # The master may have stopped waiting (EXEC_RESULT_WAIT_S) and closed its end: the
     # exit status 127 says it then, not a death by SIGPIPE.
+    with contextlib.suppress(BaseException):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        os.write(error_pipe, report)
+    os._exit(127)
+
+
+def _switch_user(identity: WorkerIdentity, error_pipe: int) -> None:  # pragma: no cover
+    """In the child, --user/--group: groups, then gid, then uid (each step takes away the
+    right to make the ones before it); checked, since a switch that half happened must
+    not exec. The kernel clears PR_SET_PDEATHSIG when credentials change: the caller
+    sets it after this."""
+    uid, gid = identity.uid, identity.gid
+    try:
+        if set(os.getgroups()) != set(identity.groups):  # setgroups needs CAP_SETGID
+            os.setgroups(list(identity.groups))
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+            raise PermissionError(errno.EPERM, "the switch did not take")
+    except OSError as exc:
+        _fail_step(error_pipe, f"cannot switch to {identity.describe()}", exc)
+    # A master with ambient capabilities (AmbientCapabilities= with User=) would pass
+    # them on to the worker across exec: the worker gets none. (From root, setresuid
+    # has cleared them already.) EINVAL on kernels before 4.3, which have none.
+    _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
+def _fail_step(  # pragma: no cover - runs in the forked child
+    error_pipe: int, step: str, exc: OSError
+) -> NoReturn:
+    """A step before the exec failed: report its errno and name (after _STEP), exit."""
+    report = struct.pack("i", exc.errno or errno.EIO) + _STEP + os.fsencode(step)
     with contextlib.suppress(BaseException):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.write(error_pipe, report)

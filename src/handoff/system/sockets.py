@@ -18,7 +18,8 @@ from typing import Final
 from handoff.errors import BindError, ConfigError, HandoffError
 from handoff.formats.options import BindKind, BindSpec, parse_bind
 from handoff.formats.worker_contract import FDSTORE_PREFIX, fd_name
-from handoff.system.runtime_files import FileId, close_unix_socket, file_id
+from handoff.system.runtime_files import FileId, bound_file, close_unix_socket, file_id
+from handoff.system.users import set_permissions, socket_owner
 
 # struct ucred, as SO_PEERCRED and SCM_CREDENTIALS give it: pid, uid, gid.
 UCRED: Final = struct.Struct("3i")
@@ -140,15 +141,34 @@ def _open_tcp(spec: BindSpec, backlog: int) -> Listener:
 
 def _open_unix(spec: BindSpec, backlog: int) -> Listener:
     path = spec.path
+    owner = socket_owner(spec)  # unknown names fail before anything is created
+    options = spec.mode is not None or owner != (-1, -1)
     remove_stale_unix_socket(path, spec.text)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # With mode=, owner= or group=, the file is created 0600 and given its mode and owner
+    # before listen(): no moment in which other users could connect (until listen(),
+    # connect() is refused anyway). Without them, the umask decides, as for any file.
+    umask = os.umask(0o177) if options else None
     try:
         sock.bind(path)
         created = file_id(os.lstat(path))
-        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise _bind_error(spec, exc) from None
+    finally:
+        if umask is not None:
+            os.umask(umask)
+    try:
+        if umask is not None:
+            mode = 0o777 & ~umask if spec.mode is None else spec.mode
+            set_permissions(spec, created, mode, owner)
+        sock.listen(backlog)
+    except OSError as exc:
+        close_unix_socket(sock, path, created)
+        raise _bind_error(spec, exc) from None
+    except BaseException:
+        close_unix_socket(sock, path, created)
+        raise
     return Listener(
         spec=spec,
         sock=sock,
@@ -293,11 +313,23 @@ def _adopt_fd(spec: BindSpec, backlog: int) -> Listener:
         address = f"{name[0]}:{name[1]}"
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _reapply_permissions(spec, sock)
     # A socket systemd passed keeps its name (LISTEN_FDNAMES), except our own stored ones.
     keep = spec.name and not spec.name.startswith(FDSTORE_PREFIX)
     return Listener(
         spec=spec, sock=sock, address=address, name=spec.name if keep else fd_name(address)
     )
+
+
+def _reapply_permissions(spec: BindSpec, sock: socket.socket) -> None:
+    """A unix socket of ours back from the fd store gets the mode= and owner= of this
+    start (they may have changed since): on its file, if the kernel says which it is."""
+    owner = socket_owner(spec) if spec.path else (-1, -1)
+    if spec.mode is None and owner == (-1, -1):
+        return
+    created = bound_file(sock)
+    if created is not None:
+        set_permissions(spec, created, spec.mode, owner)
 
 
 def _stored_file_gone(spec: BindSpec, family: int, name: object) -> bool:

@@ -54,9 +54,12 @@ def store_name(spec: BindSpec) -> str:
     """The fd store name of a listener handoff bound itself (systemd: no ':', ≤ 255).
 
     Brackets become '_' here (unlike in LISTEN_FDNAMES), as they always have: a socket
-    stored by an earlier master must be found under the same name after an upgrade.
+    stored by an earlier master must be found under the same name after an upgrade. A
+    unix socket is named by its path alone: its mode=, owner= and group= may change
+    between starts, and it is the same socket.
     """
-    return fd_name(FDSTORE_PREFIX + spec.text.translate(_NO_BRACKETS))
+    text = f"unix:{spec.path}" if spec.path else spec.text
+    return fd_name(FDSTORE_PREFIX + text.translate(_NO_BRACKETS))
 
 
 _NO_BRACKETS = str.maketrans("[]", "__")
@@ -90,7 +93,18 @@ def _adopt_passed(spec: BindSpec, passed: Mapping[str, int]) -> BindSpec:
     stored = passed.get(store_name(spec))
     if stored is not None and spec.kind is not BindKind.FD:
         # The fd store gave our own listener back (a crash or restart): adopt, do not bind.
-        return BindSpec(kind=BindKind.FD, text=spec.text, fd=stored, name=store_name(spec))
+        # A unix socket keeps its path and options: its file gets this start's mode=,
+        # owner= and group= (sockets.py).
+        return BindSpec(
+            kind=BindKind.FD,
+            text=spec.text,
+            fd=stored,
+            name=store_name(spec),
+            path=spec.path,
+            mode=spec.mode,
+            owner=spec.owner,
+            group=spec.group,
+        )
     return spec
 
 

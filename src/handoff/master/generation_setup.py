@@ -1,0 +1,103 @@
+"""What a generation's workers start with besides the command: the ``--env-file``
+values and the release directory. A generation is one release with one configuration.
+
+The env files are read at a generation's first spawn (the start of a reload, in the
+loop: system/deploy_paths.py bounds the read) and their values kept for that generation
+while it lives; a file that cannot be used fails every spawn of that generation with the
+same reason (file, line, why), read once.
+
+A generation's first workers enter ``--chdir`` as it resolves then (the child does the
+``chdir``: a hung mount costs a worker, never the loop). The first one seen to exec pins
+the directory it entered, by the kernel's name for it (``/proc/PID/cwd``, no I/O on the
+directory's filesystem); respawns and scale-ups enter that pinned release. So neither a
+flip of ``current`` before the reload nor a release that failed to start (``current``
+left on it) reaches the generation that serves.
+
+Both are kept in ``Holdings`` (``generation_env``, ``generation_dirs``), which a master
+re-executed in place is handed, and dropped once their generation is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+
+from handoff.core.model import Generation, GenerationState, GenId, Pid
+from handoff.errors import HandoffError, SpawnError
+from handoff.formats.log_events import EventName
+from handoff.formats.options import RunConfig
+from handoff.master.holdings import Holdings
+from handoff.master.logs import emit
+from handoff.master.system import System
+from handoff.system.children import Child
+from handoff.system.deploy_paths import read_env_files
+
+
+class GenerationSetup:
+    """Per generation: its env files' values and its release directory."""
+
+    def __init__(
+        self,
+        system: System,
+        config: RunConfig,
+        holdings: Holdings,
+        generations: Callable[[], Mapping[GenId, Generation]],
+    ) -> None:
+        self._system = system
+        self._workdir = config.workdir
+        self._env_files = config.env_files
+        self._generations = generations  # the machine's generations not yet gone
+        self._env = holdings.generation_env  # gen -> its --env-file values
+        self._dirs = holdings.generation_dirs  # gen -> the release it runs (pinned)
+        self._env_errors: dict[GenId, str] = {}  # gen -> why its env files cannot be used
+
+    def environment(self, gen: GenId) -> Mapping[str, str]:
+        """The generation's --env-file values: read at its first spawn, then kept.
+        Raise SpawnError (file, line, reason) if they cannot be read."""
+        self._forget_gone(gen)
+        if gen in self._env_errors:
+            raise SpawnError(self._env_errors[gen])
+        if gen not in self._env:
+            if not self._env_files:
+                return {}
+            try:
+                variables = read_env_files(self._env_files)
+            except HandoffError as exc:
+                self._env_errors[gen] = exc.message
+                raise SpawnError(exc.message) from None
+            self._env[gen] = variables
+            files = list(self._env_files)
+            emit(EventName.ENV_FILES_LOADED, gen=gen, files=files, variables=len(variables))
+        return self._env[gen]
+
+    def directory(self, gen: GenId, live: Collection[Pid]) -> str | None:
+        """Where a worker of gen starts (see the module docstring). live: the workers
+        running now, whose directory can be asked when none was pinned (a child still on
+        its way to exec, a master re-executed by a version that pinned nothing)."""
+        generation = self._generations().get(gen)
+        starting = generation is None or generation.state is GenerationState.STARTING
+        if self._workdir is None or starting:
+            return self._workdir
+        if gen in self._dirs:
+            return self._dirs[gen]
+        assert generation is not None
+        for worker in generation.workers.values():
+            if worker.ready_at is not None and worker.pid in live:
+                found = self._system.directory(worker.pid)
+                if found is not None:
+                    self._dirs[gen] = found
+                    return found
+        return self._workdir
+
+    def spawned(self, gen: GenId, child: Child) -> None:
+        """Pin the generation's directory to the one its first exec'd worker entered."""
+        if self._workdir is not None and gen not in self._dirs and child.exec_seen:
+            found = self._system.directory(child.pid)
+            if found is not None:
+                self._dirs[gen] = found
+
+    def _forget_gone(self, gen: GenId) -> None:
+        live = self._generations()
+        for store in (self._env, self._dirs):
+            for gone in [g for g in store if g not in live and g != gen]:
+                del store[gone]
+        self._env_errors = {g: why for g, why in self._env_errors.items() if g in live}
