@@ -69,20 +69,24 @@ class Master:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for raw in self.process.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            event = None
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-            with self._changed:
-                self.lines.append(line)
-                if isinstance(event, dict) and "event" in event:
-                    self.events.append(event)
-                    if event["event"] == "worker.spawned":
-                        with contextlib.suppress(psutil.Error):
-                            self._workers[event["pid"]] = psutil.Process(event["pid"])
-                self._changed.notify_all()
+            self._take(raw)
         with self._changed:
+            self._changed.notify_all()
+
+    def _take(self, raw: bytes) -> None:
+        """Keep one line of the master's output (and its event, if it is one)."""
+        line = raw.decode(errors="replace").rstrip("\n")
+        event = None
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+        with self._changed:
+            self.lines.append(line)
+            if isinstance(event, dict) and "event" in event:
+                self.events.append(event)
+                if event["event"] == "worker.spawned":
+                    with contextlib.suppress(psutil.Error):
+                        self._workers[event["pid"]] = psutil.Process(event["pid"])
             self._changed.notify_all()
 
     # -- waiting -----------------------------------------------------------------------

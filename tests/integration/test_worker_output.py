@@ -6,14 +6,11 @@ Real masters, real workers (uvicorn, the demo app, small scripts), real load.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import signal
 import statistics
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from handoff.formats.worker_lines import MAX_LINE
@@ -230,27 +227,11 @@ class QuietMaster(Master):
 
     output_lines = 0
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            if b'"event": "worker.output"' in raw:
-                self.output_lines += 1
-                continue
-            line = raw.decode(errors="replace").rstrip("\n")
-            event = None
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-            with self._changed:
-                self.lines.append(line)
-                if isinstance(event, dict) and "event" in event:
-                    self.events.append(event)
-                    if event["event"] == "worker.spawned":
-                        with contextlib.suppress(psutil.Error):
-                            self._workers[event["pid"]] = psutil.Process(event["pid"])
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+    def _take(self, raw: bytes) -> None:
+        if b'"event": "worker.output"' in raw:
+            self.output_lines += 1
+        else:
+            super()._take(raw)
 
 
 @pytest.mark.timeout(180)
