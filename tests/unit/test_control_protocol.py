@@ -46,7 +46,7 @@ def sent(data: bytes) -> dict[str, Any]:
 # -- parse_request: what it accepts ---------------------------------------------------------
 
 
-def test_the_protocol_is_version_1_with_five_commands() -> None:
+def test_the_protocol_is_version_1_with_six_commands() -> None:
     assert VERSION == 1
     assert [command.value for command in Command] == [
         "status",
@@ -54,6 +54,7 @@ def test_the_protocol_is_version_1_with_five_commands() -> None:
         "stop",
         "scale",
         "upgrade",
+        "probe",
     ]
 
 
@@ -207,13 +208,13 @@ def test_an_unknown_command_is_refused_naming_it_and_listing_the_commands(
 ) -> None:
     refused = refusal(line({"v": 1, "cmd": command}))
     assert refused.message == f"unknown command {shown}"
-    assert refused.hint == "commands: status, reload, stop, scale, upgrade"
+    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe"
 
 
 def test_a_missing_command_is_refused_as_an_unknown_one() -> None:
     refused = refusal(line({"v": 1}))
     assert refused.message == "unknown command None"
-    assert refused.hint == "commands: status, reload, stop, scale, upgrade"
+    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe"
 
 
 @pytest.mark.parametrize("wait", [1, 0, "yes", "true", None, [], {}])
@@ -310,5 +311,5 @@ def test_a_refusal_becomes_the_documented_error_line() -> None:
     assert refused.hint  # given for an unknown command
     assert error_line(refused.message, refused.hint) == (
         b'{"v": 1, "type": "error", "error": "unknown command \'relaod\'", '
-        b'"hint": "commands: status, reload, stop, scale, upgrade"}\n'
+        b'"hint": "commands: status, reload, stop, scale, upgrade, probe"}\n'
     )

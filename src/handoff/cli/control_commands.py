@@ -1,4 +1,5 @@
-"""``handoff reload``, ``status``, ``stop``, ``scale`` and ``upgrade``: control clients.
+"""``handoff reload``, ``status``, ``stop``, ``scale``, ``upgrade`` and ``probe``: control
+clients.
 
 Failures raise HandoffError; the CLI group prints them as
 ``handoff: error: …`` with a hint and exits with their code.
@@ -136,7 +137,7 @@ def stop(timeout: float, control: str | None, pidfile: str | None, name: str | N
     if not wait_for_exit(pid, timeout):
         raise HandoffError(
             f"the master (pid {pid}) is still stopping after {timeout:g} s",
-            hint="its workers may be draining; see --drain-timeout",
+            hint="it may be in its --shutdown-delay, or its workers draining (--drain-timeout)",
         )
     click.echo("stopped")
     return 0
@@ -186,6 +187,38 @@ def upgrade(
             hint="the master runs on with the code it had; its workers were not touched",
         )
     raise HandoffError("the master closed the connection before the upgrade ended")
+
+
+@click.command()
+@click.option("--ready", "what", flag_value="ready", default=True, help="Is it ready (default)?")
+@click.option("--live", "what", flag_value="live", help="Is the master's loop turning?")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the answer.",
+)
+@_locating
+def probe(
+    what: str, timeout: float, control: str | None, pidfile: str | None, name: str | None
+) -> int:
+    """Exit 0 if the master is ready (--live: answers at all), else 1: for Docker
+    HEALTHCHECK and Kubernetes exec probes. Ready is what the health endpoint's /readyz says.
+    """
+    path = _path(control, pidfile, name)
+    for line in exchange(path, {"cmd": "probe"}, timeout):
+        _fail_on_error(line)
+        if line.get("type") != "result":
+            continue
+        if what == "live":
+            click.echo("live")
+            return 0
+        if line.get("ready") is True:
+            click.echo("ready")
+            return 0
+        raise HandoffError(f"not ready: {line.get('reason')}")
+    raise HandoffError("the master sent no answer")
 
 
 def last_output(result: Mapping[str, object]) -> list[str]:

@@ -21,6 +21,7 @@ from handoff.cli import control_commands
 from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, EXIT_USAGE, ConfigError, HandoffError
 from handoff.formats import options
 from handoff.formats.http_check import StatusRanges, parse_statuses
+from handoff.formats.http_request import parse_health_address
 from handoff.formats.options import LogFormat, RunConfig, Timeouts
 from handoff.master.logs import LEVELS, configure
 from handoff.master.resume_state import PREFLIGHT_VARIABLE, RESUME_VARIABLE
@@ -168,6 +169,14 @@ def cli() -> None:
     help="Seconds between taking an old worker off the listening socket and its stop signal.",
 )
 @click.option(
+    "--shutdown-delay",
+    type=_duration("--shutdown-delay"),
+    default="0",
+    show_default=True,
+    help="Seconds the workers go on serving after TERM, INT or `handoff stop` (the master "
+    "is `leaving`: /readyz answers 503) before they drain; a second stop skips the rest.",
+)
+@click.option(
     "--chdir",
     metavar="DIR",
     default=None,
@@ -184,6 +193,13 @@ def cli() -> None:
 )
 @click.option(
     "--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the master's pid here."
+)
+@click.option(
+    "--health",
+    type=_Parsed("ADDRESS", parse_health_address),
+    default=None,
+    help="Serve /livez, /readyz and /metrics on this address (HOST:PORT or unix:PATH; "
+    "docs/health.md). Default: off.",
 )
 @click.option(
     "--control",
@@ -244,6 +260,7 @@ def run(
     stop_signal: signal.Signals,
     drain_timeout: float,
     settle: float,
+    shutdown_delay: float,
     chdir: str | None,
     env_files: tuple[str, ...],
     pidfile: str | None,
@@ -255,6 +272,7 @@ def run(
     log_format: str,
     log_level: str,
     worker_output: str,
+    health: options.BindSpec | None,
     command: tuple[str, ...],
 ) -> int:
     """Run COMMAND as supervised workers on sockets handoff owns.
@@ -287,7 +305,12 @@ def run(
         backlog=backlog,
         workers=workers,
         ready=options.with_http_options(ready, ready_status, ready_try_timeout),
-        timeouts=Timeouts(ready_s=ready_timeout, drain_s=drain_timeout, settle_s=settle),
+        timeouts=Timeouts(
+            ready_s=ready_timeout,
+            drain_s=drain_timeout,
+            settle_s=settle,
+            shutdown_delay_s=shutdown_delay,
+        ),
         stop_signal=stop_signal,
         pidfile=pidfile,
         name=name or os.path.basename(command[0]),
@@ -300,6 +323,7 @@ def run(
         workdir=workdir,
         env_files=env_files,
         worker_output=options.WorkerOutput(worker_output),
+        health=health,
     )
     if PREFLIGHT_VARIABLE in os.environ:  # this is the pre-flight of an upgrade
         return run_preflight(os.environ, sys.stdout)
@@ -331,6 +355,7 @@ for _command in (
     control_commands.stop,
     control_commands.scale,
     control_commands.upgrade,
+    control_commands.probe,
 ):
     cli.add_command(_command)
 

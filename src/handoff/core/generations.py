@@ -239,8 +239,8 @@ class Generations:
                 self.workers.kill(worker, reason, out)
             case TimerKind.READY_TIMEOUT:
                 return self._ready_timeout(worker, out)
-            case TimerKind.RESPAWN:
-                raise InvalidTransition("a respawn timer is not a worker's")
+            case TimerKind.RESPAWN | TimerKind.SHUTDOWN_DELAY:
+                raise InvalidTransition(f"a {key.kind} timer is not a worker's")
             case _:
                 assert_never(key.kind)
         return None

@@ -15,7 +15,8 @@ The work is shared by three state machines, each the only code that changes its 
 with two helpers that return actions and change nothing: ``readiness.Readiness`` (the
 timers and probes of each ``--ready`` mode) and ``respawn.Respawns`` (crash backoff).
 
-Master:     STARTING -> RUNNING <-> RELOADING;  any -> STOPPING -> exit.
+Master:     STARTING -> RUNNING <-> RELOADING;  any -> STOPPING -> exit;  with
+            --shutdown-delay: RUNNING | RELOADING -> LEAVING -> STOPPING.
 Invariants: at most one STARTING and one ACTIVE generation; the stop signal reaches a
 worker at most once; a worker is forgotten exactly once, when its exit is reported.
 """
@@ -40,12 +41,18 @@ from handoff.core.model import (
 )
 from handoff.core.policy import Policy, ReloadOutcome
 from handoff.core.snapshot import MachineSnapshot, ReloadRecord
-from handoff.core.timers import TimerKey, TimerKind
+from handoff.core.timers import TimerKey, TimerKind, remaining
 from handoff.errors import EXIT_NEVER_READY, EXIT_OK
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 
 __all__ = ["InvalidTransition", "Supervisor"]
+
+_DELAY = TimerKey(TimerKind.SHUTDOWN_DELAY, 0)
+_REFUSED = {
+    MasterState.STOPPING: "stopping",
+    MasterState.LEAVING: "leaving: the master stops after --shutdown-delay",
+}
 
 
 class Supervisor:
@@ -95,7 +102,7 @@ class Supervisor:
                 gens.start(self.workers_target, now, out)
             case ev.Resumed():
                 self._require_master(MasterState.STARTING)
-                self._resume(event, now, out)
+                _resume(self, event, now, out)
             case ev.ReloadRequested(source=source):
                 self._on_reload_requested(source, now, out)
             case ev.StopRequested(fast=fast, source=source):
@@ -115,6 +122,8 @@ class Supervisor:
                 self._act_on(gens.notified(event, now, out), now, out)
             case ev.ProbeFinished():
                 self._act_on(gens.probe_finished(event, now, out), now, out)
+            case ev.TimerFired(key=key) if key.kind is TimerKind.SHUTDOWN_DELAY:
+                self._end_leaving(fast=False, now=now, out=out)
             case ev.TimerFired(key=key) if key.kind is TimerKind.RESPAWN:
                 gens.respawn_due(key, stopping=self.state is MasterState.STOPPING, out=out)
             case ev.TimerFired(key=key):
@@ -140,67 +149,7 @@ class Supervisor:
 
     def snapshot(self, deadlines: Mapping[TimerKey, float]) -> MachineSnapshot:
         """The whole state as plain data, with the loop's pending deadlines."""
-        last = self.last_reload
-        return MachineSnapshot(
-            state=self.state,
-            workers_target=self.workers_target,
-            next_gen=self._gens.next_id,
-            generations=restore.records(self._gens),
-            deadlines=dict(deadlines),
-            reload_pending=self._reload_pending,
-            reload_started_at=self._reload_started_at,
-            fast_stop=self._fast_stop,
-            exit_code=None if self._exit is None else self._exit.code,
-            exit_reason="" if self._exit is None else self._exit.reason,
-            last_reload=None
-            if last is None
-            else ReloadRecord(
-                gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s
-            ),
-        )
-
-    def _resume(self, event: ev.Resumed, now: float, out: list[act.Action]) -> None:
-        """Take over after a re-exec: the snapshot's state, the workers the kernel shows.
-
-        A reload in progress goes on (its starting workers prove themselves ready again);
-        a stop in progress goes on draining.
-        """
-        snap = event.snapshot
-        self.workers_target = max(MIN_WORKERS, min(MAX_WORKERS, snap.workers_target))
-        last = snap.last_reload
-        if last is not None:
-            self.last_reload = ReloadOutcome(
-                gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s
-            )
-        self._reload_pending = snap.reload_pending
-        self._reload_started_at = snap.reload_started_at
-        self._fast_stop = snap.fast_stop
-        restored = restore.restore(self._gens, snap, event.found, now, out)
-        starting = self.generation_in(GenerationState.STARTING)
-        active = self.generation_in(GenerationState.ACTIVE)
-        self.state = restore.master_state(snap.state, active=active, starting=starting)
-        if self.state is MasterState.STOPPING:
-            code = EXIT_OK if snap.exit_code is None else snap.exit_code
-            self._exit = act.Exit(code=code, reason=snap.exit_reason or "stop requested")
-        out.append(
-            act.report(
-                EventName.MASTER_RESUMED,
-                reason=event.reason,
-                state=self.state.value,
-                generations=len(self.generations),
-                workers=restored.found,
-                lost=restored.lost,
-                unlisted=restored.unlisted,
-            )
-        )
-        if self.state is MasterState.STOPPING:
-            for gen in list(self.generations.values()):
-                if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
-                    self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
-        elif starting is not None:
-            self._act_on(self._gens.complete(starting), now, out)
-        elif self.state is MasterState.STARTING:
-            self._gens.start(self.workers_target, now, out)  # nothing was started yet
+        return _snapshot(self, deadlines)
 
     # -- generations, as far as the master is concerned --------------------------------
 
@@ -225,9 +174,10 @@ class Supervisor:
     def _on_scale(
         self, source: str, workers: int | None, delta: int, out: list[act.Action]
     ) -> None:
-        if self.state is MasterState.STOPPING:
+        if self.state in (MasterState.STOPPING, MasterState.LEAVING):
+            why = self.state.value
             out.append(
-                act.report(EventName.SCALE_REFUSED, Level.WARNING, source=source, reason="stopping")
+                act.report(EventName.SCALE_REFUSED, Level.WARNING, source=source, reason=why)
             )
             return
         was = self.workers_target
@@ -256,11 +206,10 @@ class Supervisor:
                 already = self._reload_pending
                 self._reload_pending = True
                 out.append(act.report(EventName.RELOAD_QUEUED, source=source, coalesced=already))
-            case MasterState.STOPPING:
+            case MasterState.STOPPING | MasterState.LEAVING:
+                why = _REFUSED[self.state]
                 out.append(
-                    act.report(
-                        EventName.RELOAD_REFUSED, Level.WARNING, source=source, reason="stopping"
-                    )
+                    act.report(EventName.RELOAD_REFUSED, Level.WARNING, source=source, reason=why)
                 )
             case _:
                 assert_never(self.state)
@@ -295,6 +244,11 @@ class Supervisor:
     def _on_stop_requested(
         self, fast: bool, source: str, now: float, out: list[act.Action]
     ) -> None:
+        if self.state is MasterState.LEAVING:
+            # A second request skips the rest of --shutdown-delay.
+            out.append(act.CancelTimer(key=_DELAY))
+            self._end_leaving(fast=fast, now=now, out=out)
+            return
         if self.state is MasterState.STOPPING:
             # A second Ctrl-C (or QUIT) means: stop waiting for the drain.
             if (fast or source == "SIGINT") and not self._fast_stop:
@@ -302,20 +256,35 @@ class Supervisor:
                 out.append(act.report(EventName.MASTER_STOPPING, fast=True, source=source))
                 self._kill_all(out)
             return
-        self._begin_stop(
-            fast=fast, now=now, out=out, code=EXIT_OK, reason=f"stop requested ({source})"
-        )
+        reason = f"stop requested ({source})"
+        delay = self.policy.shutdown_delay_s
+        if delay > 0 and not fast and self.generation_in(GenerationState.ACTIVE) is not None:
+            self._begin_leaving(delay, reason, now, out)
+            return
+        self._begin_stop(fast=fast, now=now, out=out, code=EXIT_OK, reason=reason)
+
+    def _begin_leaving(self, delay: float, reason: str, now: float, out: list[act.Action]) -> None:
+        # RUNNING | RELOADING -> LEAVING: not ready any more, the serving generation serves
+        # on for the delay; a reload in progress is cancelled (its generation drained).
+        self._cancel_reload(now, out)
+        for gen in list(self.generations.values()):
+            if gen.state is GenerationState.STARTING:
+                self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
+        self.state = MasterState.LEAVING
+        self._exit = act.Exit(code=EXIT_OK, reason=reason)
+        out.append(act.StartTimer(key=_DELAY, delay_s=delay))
+        out.append(act.report(EventName.MASTER_LEAVING, delay_s=delay, reason=reason))
+
+    def _end_leaving(self, *, fast: bool, now: float, out: list[act.Action]) -> None:
+        if self.state is MasterState.LEAVING:  # a timer may outlive its state
+            assert self._exit is not None
+            self._begin_stop(fast=fast, now=now, out=out, code=EXIT_OK, reason=self._exit.reason)
 
     def _begin_stop(
         self, *, fast: bool, now: float, out: list[act.Action], code: int, reason: str
     ) -> None:
         # any -> STOPPING; a reload in progress ends as failed ("cancelled").
-        self._reload_pending = False  # before _finish_reload, which would start it
-        starting = self.generation_in(GenerationState.STARTING)
-        if self.state is MasterState.RELOADING and starting is not None:
-            self._finish_reload(
-                starting, ok=False, reason="cancelled: master stopping", now=now, out=out
-            )
+        self._cancel_reload(now, out)
         self.state = MasterState.STOPPING
         self._fast_stop = fast
         self._exit = act.Exit(code=code, reason=reason)
@@ -325,6 +294,13 @@ class Supervisor:
                 self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
         if fast:
             self._kill_all(out)
+
+    def _cancel_reload(self, now: float, out: list[act.Action]) -> None:
+        self._reload_pending = False  # before _finish_reload, which would start it
+        starting = self.generation_in(GenerationState.STARTING)
+        if self.state is MasterState.RELOADING and starting is not None:
+            reason = "cancelled: master stopping"
+            self._finish_reload(starting, ok=False, reason=reason, now=now, out=out)
 
     def _kill_all(self, out: list[act.Action]) -> None:
         lifecycle = self._gens.workers
@@ -347,3 +323,73 @@ class Supervisor:
 
     def _stop_signal_name(self) -> str:
         return "SIGKILL" if self._fast_stop else self.policy.stop_signal.name
+
+
+# -- across a re-exec in place (out of the class, which stays small; they are its own) --
+
+
+def _snapshot(self: Supervisor, deadlines: Mapping[TimerKey, float]) -> MachineSnapshot:
+    """The whole state as plain data, with the loop's pending deadlines."""
+    last = self.last_reload
+    return MachineSnapshot(
+        state=self.state,
+        workers_target=self.workers_target,
+        next_gen=self._gens.next_id,
+        generations=restore.records(self._gens),
+        deadlines=dict(deadlines),
+        reload_pending=self._reload_pending,
+        reload_started_at=self._reload_started_at,
+        fast_stop=self._fast_stop,
+        exit_code=None if self._exit is None else self._exit.code,
+        exit_reason="" if self._exit is None else self._exit.reason,
+        last_reload=None
+        if last is None
+        else ReloadRecord(gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s),
+    )
+
+
+def _resume(self: Supervisor, event: ev.Resumed, now: float, out: list[act.Action]) -> None:
+    """Take over after a re-exec: the snapshot's state, the workers the kernel shows.
+
+    A reload in progress goes on (its starting workers prove themselves ready again);
+    a stop in progress goes on draining.
+    """
+    snap = event.snapshot
+    self.workers_target = max(MIN_WORKERS, min(MAX_WORKERS, snap.workers_target))
+    last = snap.last_reload
+    if last is not None:
+        self.last_reload = ReloadOutcome(
+            gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s
+        )
+    self._reload_pending = snap.reload_pending
+    self._reload_started_at = snap.reload_started_at
+    self._fast_stop = snap.fast_stop
+    restored = restore.restore(self._gens, snap, event.found, now, out)
+    starting = self.generation_in(GenerationState.STARTING)
+    active = self.generation_in(GenerationState.ACTIVE)
+    self.state = restore.master_state(snap.state, active=active, starting=starting)
+    if self.state in (MasterState.STOPPING, MasterState.LEAVING):
+        code = EXIT_OK if snap.exit_code is None else snap.exit_code
+        self._exit = act.Exit(code=code, reason=snap.exit_reason or "stop requested")
+    out.append(
+        act.report(
+            EventName.MASTER_RESUMED,
+            reason=event.reason,
+            state=self.state.value,
+            generations=len(self.generations),
+            workers=restored.found,
+            lost=restored.lost,
+            unlisted=restored.unlisted,
+        )
+    )
+    if self.state is MasterState.STOPPING:
+        for gen in list(self.generations.values()):
+            if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
+                self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
+    elif self.state is MasterState.LEAVING:
+        left = remaining(snap.deadlines, _DELAY, now) or 0.0
+        out.append(act.StartTimer(key=_DELAY, delay_s=left))
+    elif starting is not None:
+        self._act_on(self._gens.complete(starting), now, out)
+    elif self.state is MasterState.STARTING:
+        self._gens.start(self.workers_target, now, out)  # nothing was started yet

@@ -25,6 +25,7 @@ class MasterState(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     RELOADING = "reloading"
+    LEAVING = "leaving"  # --shutdown-delay: a stop was asked, the workers still serve
     STOPPING = "stopping"
 
 

@@ -21,6 +21,9 @@ class Policy:
     ready_timeout_s: float
     drain_timeout_s: float
     stop_signal: signal.Signals
+    # --shutdown-delay: after a stop request, the workers go on serving this long (the
+    # master is LEAVING: not ready) before the drain. 0: drain at once.
+    shutdown_delay_s: float = 0.0
     respawn_base_s: float = 0.1
     respawn_cap_s: float = 30.0
     crash_loop_after: int = 5
@@ -54,6 +57,7 @@ class Policy:
             drain_timeout_s=config.timeouts.drain_s,
             stop_signal=config.stop_signal,
             settle_s=config.timeouts.settle_s,
+            shutdown_delay_s=config.timeouts.shutdown_delay_s,
         )
 
 

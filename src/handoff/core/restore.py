@@ -122,6 +122,8 @@ def master_state(
     otherwise (a crash may have come between a generation's change and the master's)."""
     if was is MasterState.STOPPING:
         return was
+    if was is MasterState.LEAVING:
+        return was if active is not None else MasterState.STOPPING
     if active is None:
         return MasterState.STARTING
     return MasterState.RUNNING if starting is None else MasterState.RELOADING

@@ -20,6 +20,7 @@ class TimerKind(StrEnum):
     SETTLE = "settle"  # per worker: --settle after its listening registration was removed
     DRAIN = "drain"  # per worker: --drain-timeout after the stop signal
     RESPAWN = "respawn"  # per (generation, slot): backoff before respawning a crashed worker
+    SHUTDOWN_DELAY = "shutdown-delay"  # the master: --shutdown-delay before the drain
 
 
 class TimerKey(NamedTuple):

@@ -25,6 +25,7 @@ class Command(StrEnum):
     STOP = "stop"
     SCALE = "scale"
     UPGRADE = "upgrade"
+    PROBE = "probe"  # handoff probe: live, and ready as /readyz says
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

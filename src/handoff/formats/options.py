@@ -290,6 +290,7 @@ class Timeouts:
     ready_s: float = 60.0
     drain_s: float = 30.0
     settle_s: float = DEFAULT_SETTLE_S
+    shutdown_delay_s: float = 0.0  # --shutdown-delay
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,6 +314,7 @@ class RunConfig:
     workdir: str | None = None
     env_files: tuple[str, ...] = ()  # --env-file, absolute; read at each generation's start
     worker_output: WorkerOutput = WorkerOutput.ATTRIBUTED
+    health: BindSpec | None = None  # --health: the health endpoint
 
 
 def parse_group(text: str) -> int:

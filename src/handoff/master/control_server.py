@@ -31,6 +31,7 @@ from handoff.formats.control_protocol import (
 )
 from handoff.formats.log_events import EventName, Level
 from handoff.master.control_clients import Client, Placement, Waiting
+from handoff.master.health_server import not_ready
 from handoff.master.logs import emit
 from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
 from handoff.master.resume_state import ClientRecord
@@ -67,6 +68,9 @@ class MasterView(Protocol):
     def generation(self, gen: GenId) -> Generation | None: ...
 
     def reloading(self) -> GenId | None: ...
+
+    @property
+    def generations(self) -> Mapping[GenId, Generation]: ...
 
 
 class ControlledMaster(Protocol):
@@ -190,7 +194,7 @@ class ControlServer:
                 if outcome is not None:
                     for client in self._waiting.reloads.pop(outcome.gen, []):
                         self._finish(client, _outcome_line(outcome, report.fields))
-            case EventName.MASTER_STOPPING:
+            case EventName.MASTER_STOPPING | EventName.MASTER_LEAVING:
                 waiting, self._waiting.next_reload = self._waiting.next_reload, []
                 for client in waiting:
                     self._finish(
@@ -273,6 +277,9 @@ class ControlServer:
         match request.command:
             case Command.STATUS:
                 self._finish(client, encode("result", ok=True, status=self._master.status()))
+            case Command.PROBE:  # what /livez and /readyz would answer (health_server.py)
+                reason = not_ready(self._master.view)
+                self._finish(client, encode("result", ok=True, ready=reason is None, reason=reason))
             case Command.STOP:
                 self._master.submit(ev.StopRequested(fast=False, source="control"))
                 self._finish(client, encode("result", ok=True, pid=os.getpid()))
@@ -300,7 +307,7 @@ class ControlServer:
                 assert_never(request.command)
 
     def _reload(self, fd: int, client: Client, *, wait: bool) -> None:
-        if self._master.view.state is MasterState.STOPPING:
+        if self._master.view.state in (MasterState.STOPPING, MasterState.LEAVING):
             self._fail(fd, client, "the master is stopping", "a stopping master does not reload")
             return
         if wait:

@@ -57,6 +57,8 @@ class Holdings:
     relay: OutputRelay | None = None
     worker_fd_limit: int | None = None
     control_socket: socket.socket | None = None
+    health_socket: socket.socket | None = None  # --health's, kept by a re-exec
+    health_listener: Listener | None = None  # --health's, bound (master/health_server.py)
     failpoints: Failpoints = field(default_factory=Failpoints)
     carried: Carried | None = None  # None: a fresh start
     # gen -> the --env-file values it started with, the release directory it runs in
@@ -64,6 +66,7 @@ class Holdings:
     generation_env: dict[GenId, dict[str, str]] = field(default_factory=dict)
     generation_dirs: dict[GenId, str] = field(default_factory=dict)
     output: WorkerOutput | None = None  # the workers' output pipes: open_output
+    metric_counts: dict[str, int] = field(default_factory=dict)  # master/metrics.py
 
     def open_output(
         self,
@@ -119,13 +122,18 @@ class Holdings:
             if self.relay is None
             else (self.relay.pid, self.relay.counter, *self.relay.originals),
             control_fd=None if control is None else control[0],
+            health_fd=None if self.health_listener is None else self.health_listener.fileno(),
             clients=() if control is None else control[1],
             machine=machine,
             started_at=started_at,
             worker_fd_limit=self.worker_fd_limit,
             crashes=(carried.crashes if carried else ()) if crashes is None else crashes,
             failpoints=self.failpoints.spec(),
-            counters={**counters, "reexecs": counters.get("reexecs", 0) + 1},
+            counters={
+                **counters,
+                **self.metric_counts,
+                "reexecs": counters.get("reexecs", 0) + 1,
+            },
             generation_env={str(gen): dict(env) for gen, env in self.generation_env.items()},
             generation_dirs={str(gen): path for gen, path in self.generation_dirs.items()},
             outputs=self.output.records() if self.output is not None else (),

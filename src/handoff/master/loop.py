@@ -26,6 +26,7 @@ from handoff.core.timers import Timers
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
 from handoff.master.control_server import ControlServer, MasterView
+from handoff.master.health_server import open_health
 from handoff.master.holdings import Carried, Holdings
 from handoff.master.logs import LineWriter, emit
 from handoff.master.probes import Probes
@@ -115,6 +116,7 @@ class MasterLoop:
             system, self._sources, lambda: self.capture("upgrade"), self._answer_upgrade
         )
         self._control: ControlServer | None = None
+        self._health = open_health(config, holdings, self._sources, system.clock, self)
         self._exit: act.Exit | None = None
         self.exit_reason = ""
 
@@ -227,7 +229,7 @@ class MasterLoop:
     def turn(self) -> None:
         """Wait for what is next, and handle everything that woke the loop."""
         # What keeps deadlines of its own besides the machine's timers.
-        timed: list[Timed] = [self._systemd, self._upgrades, self._workers]
+        timed: list[Timed] = [self._systemd, self._upgrades, self._workers, self._health]
         if self._control is not None:
             timed.append(self._control)
         due = [self._timers.next_deadline(), *(part.next_deadline() for part in timed)]
@@ -273,6 +275,8 @@ class MasterLoop:
                 self._control.on_client(watch.fd, wakeup.readable, wakeup.writable)
             case Source.UPGRADE:
                 self._upgrades.on_exit()
+            case Source.HEALTH:
+                self._health.on_ready(watch.fd, wakeup.readable, wakeup.writable)
             case _:
                 assert_never(watch.source)
 
@@ -309,6 +313,7 @@ class MasterLoop:
             emit(EventName.STRAY_KILLED, Level.WARNING, pid=pid)
         if self._control is not None:
             self._control.close()
+        self._health.close()
         self._systemd.close()
         self._sources.close()
 
@@ -349,6 +354,7 @@ class MasterLoop:
                 if self._control is not None:
                     self._control.on_report(action)
                 self._systemd.on_report(action)
+                self._health.on_report(action)
                 self._failpoints.after(name)
             case act.Exit(reason=reason):
                 self._exit = action

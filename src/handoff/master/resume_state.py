@@ -40,6 +40,7 @@ class ListenerRecord:
     address: str
     name: str
     created_path: str | None = None
+    stored: bool = False
 
     @classmethod
     def of(cls, listener: Listener) -> ListenerRecord:
@@ -49,6 +50,7 @@ class ListenerRecord:
             address=listener.address,
             name=listener.name,
             created_path=listener.created_path,
+            stored=listener.stored,
         )
 
     def adopt(self) -> Listener:
@@ -61,6 +63,7 @@ class ListenerRecord:
             address=self.address,
             name=self.name,
             created_path=self.created_path,
+            stored=self.stored,
         )
 
 
@@ -118,6 +121,7 @@ class ResumeState:
     generation_dirs: dict[str, str] = field(default_factory=dict)  # --chdir, pinned
     outputs: tuple[OutputRecord, ...] = ()  # the workers' output pipes
     last_failure: LastWords | None = None
+    health_fd: int | None = None  # --health's listening socket (master/health_server.py)
 
     def fds(self) -> list[int]:
         """Every fd that must stay open across the exec."""
@@ -126,6 +130,8 @@ class ResumeState:
         fds += [client.fd for client in self.clients]
         if self.control_fd is not None:
             fds.append(self.control_fd)
+        if self.health_fd is not None:
+            fds.append(self.health_fd)
         if self.relay is not None:
             fds += [fd for fd in self.relay[1:] if fd >= 0]
         fds += [record.fd for record in self.outputs]
@@ -158,6 +164,8 @@ class ResumeState:
                 warden_lifeline=int(data["warden_lifeline"]),
                 relay=None if data["relay"] is None else _four(data["relay"]),
                 control_fd=None if data["control_fd"] is None else int(data["control_fd"]),
+                # Absent in the state of a version before --health.
+                health_fd=None if data.get("health_fd") is None else int(data["health_fd"]),
                 clients=tuple(ClientRecord(**item) for item in data["clients"]),
                 machine=None if machine is None else MachineSnapshot.from_dict(machine),
                 started_at=float(data["started_at"]),
@@ -195,6 +203,7 @@ def _listener(item: dict[str, object]) -> ListenerRecord:
         address=str(item["address"]),
         name=str(item["name"]),
         created_path=None if item.get("created_path") is None else str(item["created_path"]),
+        stored=item.get("stored") is True,
     )
 
 

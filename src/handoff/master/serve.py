@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections.abc import Iterable
 
 from handoff.core import events as ev
 from handoff.core.snapshot import SnapshotError
 from handoff.errors import HandoffError
 from handoff.formats.log_events import EventName, Level
-from handoff.formats.options import RunConfig
+from handoff.formats.options import BindKind, RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD, expand_placeholders
 from handoff.master import resume_state
 from handoff.master.failpoints import Failpoints
@@ -30,9 +31,15 @@ from handoff.master.system import RealSystem
 from handoff.master.systemd import sync_fd_store
 from handoff.master.takeover import after_crash, stop_orphans, take_over
 from handoff.system import children, runtime_files, systemd_sockets
+from handoff.system.listen_queue import accept_queue
 from handoff.system.output_relay import start_relay
 from handoff.system.signals import HANDLED, SignalInbox
-from handoff.system.sockets import close_listeners, default_backlog, open_listeners
+from handoff.system.sockets import (
+    Listener,
+    close_listeners,
+    default_backlog,
+    open_listeners,
+)
 from handoff.system.users import notify_senders
 from handoff.system.warden import start_warden
 from handoff.system.worker_notify import NotifyServer
@@ -126,13 +133,29 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
         reason = loop.exit_reason
     finally:
         inbox.close()
+        dropped = abandoned_connections(listeners)  # every worker is gone: these are reset at close
         close_listeners(listeners)
         _remove_pidfile(run_config.pidfile)
         warden.release()
-    emit(EventName.MASTER_EXITED, exit_code=code, reason=reason)
+    emit(EventName.MASTER_EXITED, exit_code=code, reason=reason, dropped=dropped)
     if relay is not None:
         relay.finish()
     return code, reason
+
+
+def abandoned_connections(listeners: Iterable[Listener]) -> int:
+    """Connections waiting on the TCP listeners that close for good with the master's copy
+    (every worker is gone by now, so the kernel resets them at close).
+
+    A socket systemd holds too (passed to us, ``fd:``, or kept in its fd store) outlives
+    this master: what waits in its queue is served by the next one, not dropped.
+    """
+    total = 0
+    for listener in listeners:
+        if listener.spec.kind is not BindKind.FD and not listener.stored:
+            queue = accept_queue(listener.sock)
+            total += 0 if queue is None else queue[0]
+    return total
 
 
 def _serve_handed(run_config: RunConfig, log: LineWriter, state: ResumeState) -> tuple[int, str]:
@@ -156,10 +179,11 @@ def _serve_handed(run_config: RunConfig, log: LineWriter, state: ResumeState) ->
         reason = loop.exit_reason
     finally:
         inbox.close()
+        dropped = abandoned_connections(handed.holdings.listeners)
         close_listeners(list(handed.holdings.listeners))
         _remove_pidfile(run_config.pidfile)
         handed.warden.release()
-    emit(EventName.MASTER_EXITED, exit_code=code, reason=reason)
+    emit(EventName.MASTER_EXITED, exit_code=code, reason=reason, dropped=dropped)
     if handed.holdings.relay is not None:
         handed.holdings.relay.finish()
     return code, reason

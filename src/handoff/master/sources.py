@@ -35,6 +35,7 @@ class Source(Enum):
     WARDEN = auto()
     CONTROL = auto()
     CLIENT = auto()
+    HEALTH = auto()  # the --health listener and its clients (by fd)
 
 
 NO_PID: Final = Pid(0)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from handoff.core import actions as act
 from handoff.core.machine import Supervisor
-from handoff.core.model import GenerationState
+from handoff.core.model import GenerationState, MasterState
 from handoff.formats.log_events import EventName
 from handoff.formats.options import BindKind
 from handoff.formats.worker_contract import FDSTORE_PREFIX
@@ -39,6 +39,8 @@ def status_text(machine: Supervisor) -> str:
         serving = (
             f"generation {active.id} serving, {active.ready_count()} of {active.size} workers ready"
         )
+    if machine.state is MasterState.LEAVING:
+        return f"leaving (shutdown delay, then drain): {serving}"
     last = machine.last_reload
     if last is None:
         return serving
@@ -54,7 +56,7 @@ def messages_for(event: EventName, monotonic_usec: int) -> dict[str, str] | None
             return {"READY": "1"}
         case EventName.RELOAD_REQUESTED:
             return {"RELOADING": "1", "MONOTONIC_USEC": str(monotonic_usec)}
-        case EventName.MASTER_STOPPING:
+        case EventName.MASTER_STOPPING | EventName.MASTER_LEAVING:
             return {"STOPPING": "1"}
         case (
             EventName.GENERATION_ACTIVE
@@ -134,6 +136,7 @@ def sync_fd_store(
                 # path after a restart: the file must stay. After a stop, the next
                 # start finds it refusing connections and replaces it (stale).
                 listener.created_path = None
+                listener.stored = True
                 emit(EventName.LISTENER_STORED, address=listener.address, name=name)
     finally:
         notifier.close()

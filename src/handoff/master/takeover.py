@@ -91,6 +91,10 @@ def take_over(state: ResumeState, config: RunConfig) -> Handed:
     if state.control_fd is not None:
         control_socket = socket.socket(fileno=state.control_fd)
         control_socket.set_inheritable(False)
+    health_socket = None
+    if state.health_fd is not None:
+        health_socket = socket.socket(fileno=state.health_fd)
+        health_socket.set_inheritable(False)
     found = _found_workers(state.machine, {warden.pid, *(state.relay or (0,))[:1]})
     snapshot = state.machine or snapshot_from_children(found, config.workers)
     relay = None
@@ -104,6 +108,7 @@ def take_over(state: ResumeState, config: RunConfig) -> Handed:
         relay=relay,
         worker_fd_limit=state.worker_fd_limit,
         control_socket=control_socket,
+        health_socket=health_socket,
         failpoints=Failpoints(state.failpoints),
         generation_env={GenId(int(gen)): env for gen, env in state.generation_env.items()},
         generation_dirs={GenId(int(gen)): d for gen, d in state.generation_dirs.items()},

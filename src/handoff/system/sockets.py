@@ -65,6 +65,9 @@ class Listener:
     # through this very path.
     created_path: str | None = None
     created_file: FileId | None = None  # None after a re-exec: asked from the kernel
+    # Handed to systemd's fd store (master/systemd.py): systemd holds a copy that outlives
+    # this master, so connections waiting in its queue at exit wait for the next one.
+    stored: bool = False
 
     def fileno(self) -> int:
         return self.sock.fileno()

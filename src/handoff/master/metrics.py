@@ -1,0 +1,178 @@
+"""The health endpoint's /metrics: the master's counters in Prometheus' text format.
+
+Rendered with prometheus_client (the optional extra ``handoff[metrics]``) through a
+custom collector that reads everything at scrape time: no background thread, no
+registry of live metric objects, and prometheus_client's own HTTP server is never used.
+Event counts (reloads by outcome, respawns, ...) are kept in ``Holdings.metric_counts``,
+which a re-exec in place carries over, so counters never go back. docs/health.md lists
+every metric.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from typing import Final, Protocol
+
+from handoff.core import actions as act
+from handoff.core.model import Generation, GenerationState, GenId, MasterState, WorkerState
+from handoff.formats.log_events import EventName
+from handoff.system.listen_queue import accept_queue, listen_drops
+from handoff.system.sockets import Listener
+
+try:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.registry import Collector, CollectorRegistry
+except ImportError:  # the extra is not installed: /metrics answers 404 with a hint
+    AVAILABLE = False
+else:
+    AVAILABLE = True
+
+MISSING_HINT: Final = "install the extra: pip install 'handoff[metrics]' (prometheus_client)"
+# Events counted, and the counter each one adds to (carried across re-execs by name).
+COUNTED: Final[Mapping[EventName, str]] = {
+    EventName.RELOAD_SUCCEEDED: "reloads_succeeded",
+    EventName.RELOAD_FAILED: "reloads_failed",
+    EventName.WORKER_RESPAWN_SCHEDULED: "respawns",
+    EventName.WORKER_CRASH_LOOP: "crash_loops",
+    EventName.WORKER_KILLED: "workers_killed",
+    EventName.WORKER_DETACHED: "workers_detached",
+    EventName.DETACH_UNAVAILABLE: "detach_unavailable",
+}
+BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_SUM_MS: Final = "reload_seconds_sum_ms"
+
+
+def _bucket_key(index: int) -> str:
+    return f"reload_seconds_bucket_{index}"  # index len(BUCKETS): above the last bound
+
+
+class MetricsView(Protocol):
+    @property
+    def state(self) -> MasterState: ...
+
+    @property
+    def generations(self) -> Mapping[GenId, Generation]: ...
+
+
+class EventCounts:
+    """What the master counts from its own reports, in a store a re-exec carries."""
+
+    def __init__(self, store: MutableMapping[str, int], carried: Mapping[str, int]) -> None:
+        self._store = store
+        for name in (*COUNTED.values(), _SUM_MS, *map(_bucket_key, range(len(BUCKETS) + 1))):
+            store.setdefault(name, carried.get(name, 0))
+
+    def on_report(self, report: act.Report) -> None:
+        name = COUNTED.get(report.event)
+        if name is None:
+            return
+        self._store[name] += 1
+        duration = report.fields.get("duration_s")
+        if report.event is EventName.RELOAD_SUCCEEDED and isinstance(duration, int | float):
+            index = next((i for i, bound in enumerate(BUCKETS) if duration <= bound), len(BUCKETS))
+            self._store[_bucket_key(index)] += 1
+            self._store[_SUM_MS] += round(duration * 1000)
+
+    def get(self, name: str) -> int:
+        return self._store.get(name, 0)
+
+
+def render(
+    view: MetricsView,
+    counts: EventCounts,
+    counters: Mapping[str, int],
+    listeners: Sequence[Listener],
+) -> tuple[bytes, str]:
+    """(body, content type) of one scrape; only when AVAILABLE."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(lambda: _families(view, counts, counters, listeners)))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+if AVAILABLE:
+
+    class _Collector(Collector):
+        def __init__(self, families: Callable[[], Iterator[Metric]]) -> None:
+            self._families = families
+
+        def collect(self) -> Iterator[Metric]:
+            return self._families()
+
+
+def _families(
+    view: MetricsView,
+    counts: EventCounts,
+    counters: Mapping[str, int],
+    listeners: Sequence[Listener],
+) -> Iterator[Metric]:
+    reloads = CounterMetricFamily("handoff_reloads", "Reloads by outcome.", labels=["outcome"])
+    reloads.add_metric(["succeeded"], counts.get("reloads_succeeded"))
+    reloads.add_metric(["failed"], counts.get("reloads_failed"))
+    yield reloads
+    cumulative, buckets = 0, []
+    for index, bound in enumerate((*map(str, BUCKETS), "+Inf")):
+        cumulative += counts.get(_bucket_key(index))
+        buckets.append((bound, cumulative))
+    yield HistogramMetricFamily(
+        "handoff_reload_duration_seconds",
+        "Successful reloads: from the new generation's start until it serves.",
+        buckets=buckets,
+        sum_value=counts.get(_SUM_MS) / 1000,
+    )
+    for name, help_text, key in (
+        ("handoff_worker_respawns", "Workers respawned after a crash.", "respawns"),
+        ("handoff_worker_crash_loops", "Worker slots given up on (crash loop).", "crash_loops"),
+        (
+            "handoff_workers_killed",
+            "Workers SIGKILLed (drain timeout, fast stop).",
+            "workers_killed",
+        ),
+        ("handoff_workers_detached", "Old workers taken off the sockets.", "workers_detached"),
+        ("handoff_detach_unavailable", "Detaches the kernel refused.", "detach_unavailable"),
+        ("handoff_log_lines_dropped", "Log lines dropped (slow reader).", "log_lines_dropped"),
+        ("handoff_master_reexecs", "Re-executions of the master in place.", "reexecs"),
+    ):
+        value = counts.get(key) if key in COUNTED.values() else counters.get(key, 0)
+        yield CounterMetricFamily(name, help_text, value=value)
+    state = GaugeMetricFamily("handoff_master_state", "The master's state.", labels=["state"])
+    for each in MasterState:
+        state.add_metric([each.value], 1.0 if view.state is each else 0.0)
+    yield state
+    gens: Counter[str] = Counter(gen.state.value for gen in view.generations.values())
+    workers: Counter[str] = Counter(
+        worker.state.value for gen in view.generations.values() for worker in gen.live_workers()
+    )
+    for name, help_text, enum, counted in (
+        ("handoff_generations", "Generations by state.", GenerationState, gens),
+        ("handoff_workers", "Workers by state.", WorkerState, workers),
+    ):
+        family = GaugeMetricFamily(name, help_text, labels=["state"])
+        for member in enum:
+            family.add_metric([member.value], counted.get(member.value, 0))
+        yield family
+    queue = GaugeMetricFamily(
+        "handoff_listener_accept_queue", "Connections waiting to be accepted.", labels=["address"]
+    )
+    limit = GaugeMetricFamily(
+        "handoff_listener_accept_queue_limit", "The accept queue's limit.", labels=["address"]
+    )
+    for listener in listeners:
+        found = accept_queue(listener.sock)
+        if found is not None:
+            queue.add_metric([listener.address], found[0])
+            limit.add_metric([listener.address], found[1])
+    yield queue
+    yield limit
+    for name, value in listen_drops().items():
+        yield CounterMetricFamily(
+            f"handoff_host_tcp_{name.lower()}",
+            f"The kernel's TcpExt {name} (the whole network namespace).",
+            value=value,
+        )
