@@ -12,6 +12,7 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_NEVER_READY: Final = 3
+EXIT_GAVE_UP: Final = 4  # --give-up-after: every worker kept crashing
 
 
 class HandoffError(Exception):

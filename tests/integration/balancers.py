@@ -148,9 +148,7 @@ defaults
     timeout client 30s
     timeout server 30s
     timeout check 2s
-    retries 3
-    option redispatch 1
-    retry-on conn-failure empty-response response-timeout
+{retries}
 frontend web
     bind {listen}
     default_backend app
@@ -161,12 +159,20 @@ backend app
     default-server inter 500ms fall 2 rise 2
 {servers}
 """
+# A request whose connection is refused, or closed before any answer, goes to the other
+# instance (docs/fleet.md); without these lines HAProxy retries nothing.
+HAPROXY_RETRIES = """\
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout"""
 
 
 class Haproxy:
     """HAProxy balancing over handoff instances, health-checked on their /readyz."""
 
-    def __init__(self, directory: Path, servers: dict[str, tuple[str, int, int]]) -> None:
+    def __init__(
+        self, directory: Path, servers: dict[str, tuple[str, int, int]], *, retries: bool = True
+    ) -> None:
         """servers: name -> (host, app port, health port)."""
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -178,7 +184,10 @@ class Haproxy:
         conf = directory / "haproxy.cfg"
         conf.write_text(
             HAPROXY_CONF.format(
-                dir=directory, listen=f"127.0.0.1:{self.port}", servers="\n".join(lines)
+                dir=directory,
+                listen=f"127.0.0.1:{self.port}",
+                servers="\n".join(lines),
+                retries=HAPROXY_RETRIES if retries else "    retries 0",
             )
         )
         self.proc = Foreground([HAPROXY, "-f", str(conf), "-db"], directory / "haproxy.out")
@@ -213,8 +222,10 @@ class Haproxy:
 
 
 @contextlib.contextmanager
-def haproxy(directory: Path, servers: dict[str, tuple[str, int, int]]) -> Iterator[Haproxy]:
-    balancer = Haproxy(directory, servers)
+def haproxy(
+    directory: Path, servers: dict[str, tuple[str, int, int]], *, retries: bool = True
+) -> Iterator[Haproxy]:
+    balancer = Haproxy(directory, servers, retries=retries)
     try:
         socket_path = directory / "admin.sock"
         wait_until(
@@ -251,6 +262,7 @@ class BalancerLoad:
         self.statuses: collections.Counter[tuple[str, int]] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.ok = 0
+        self.slowest = 0.0  # seconds, the longest an answered request took
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
@@ -261,6 +273,7 @@ class BalancerLoad:
         while not self._stop.is_set():
             method = "POST" if (sent + number) % 2 else "GET"
             sent += 1
+            began = time.monotonic()
             try:
                 if method == "POST":
                     connection.request(
@@ -270,7 +283,7 @@ class BalancerLoad:
                     connection.request("GET", "/")
                 response = connection.getresponse()
                 response.read()
-                self._count(method, response.status)
+                self._count(method, response.status, time.monotonic() - began)
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
                 with self._lock:
@@ -278,9 +291,10 @@ class BalancerLoad:
                 time.sleep(0.005)  # a dead balancer must not become a busy loop
         connection.close()
 
-    def _count(self, method: str, status: int) -> None:
+    def _count(self, method: str, status: int, took: float) -> None:
         with self._lock:
             self.statuses[(method, status)] += 1
+            self.slowest = max(self.slowest, took)
             if status < 500:
                 self.ok += 1
             self._lock.notify_all()
@@ -298,7 +312,8 @@ class BalancerLoad:
     def summary(self) -> str:
         with self._lock:
             statuses = ", ".join(f"{m} {s}: {n}" for (m, s), n in sorted(self.statuses.items()))
-            return f"{statuses}; errors: {dict(self.errors)}"
+            errors = dict(self.errors)
+            return f"{statuses}; errors: {errors}; slowest answer {self.slowest:.3f} s"
 
     def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
         """Block until `count` more requests were answered by the app."""

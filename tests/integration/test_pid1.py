@@ -9,7 +9,8 @@ PID 1, checked from the host by the namespace's host pids:
   `kubectl exec`: here nsenter), whose parent is not in the namespace at all;
 - SIGTERM from outside (what `docker stop` and the kubelet send) is handled: slow
   requests in flight complete with 200 and the master exits 0 within delay + drain;
-- exit code 3 when the first generation never becomes ready.
+- exit code 3 when the first generation never becomes ready, 4 when every worker keeps
+  crashing (`--give-up-after`).
 """
 
 from __future__ import annotations
@@ -34,18 +35,6 @@ from tests.integration.waiting import wait_until
 
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a new PID namespace needs root")
-
-
-def shutdown_delay_args(seconds: float) -> list[str]:
-    """`--shutdown-delay S` if this handoff has it (built in parallel), else nothing."""
-    help_text = subprocess.run(
-        [sys.executable, "-m", "handoff", "run", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    return ["--shutdown-delay", str(seconds)] if "--shutdown-delay" in help_text else []
 
 
 class Pid1Master(PrefixedMaster):
@@ -166,9 +155,9 @@ def test_pid1_reaps_every_orphan(tmp_path: Path) -> None:
 def test_pid1_sigterm_completes_slow_requests(tmp_path: Path) -> None:
     version = tmp_path / "version"
     version.write_text("v1")
-    delay = shutdown_delay_args(1)
+    delay_s = 1
     drain_s = 10
-    args = ["--workers", "2", "--drain-timeout", str(drain_s), *delay]
+    args = ["--workers", "2", "--drain-timeout", str(drain_s), "--shutdown-delay", str(delay_s)]
     with pid1(demo(version), args=args) as master:
         port = master.wait_ready()
         results: list[int | str] = []
@@ -196,7 +185,7 @@ def test_pid1_sigterm_completes_slow_requests(tmp_path: Path) -> None:
             client.join(30)
         assert code == 0, master.diagnose(f"exit code {code}")
         assert results == [200] * 8, results
-        budget = (1 if delay else 0) + drain_s
+        budget = delay_s + drain_s
         assert took < budget, f"stop took {took:.2f} s, above delay + drain ({budget} s)"
         assert not master.namespace(), "processes left in the namespace"
 
@@ -219,3 +208,28 @@ def test_pid1_exit_code_3_when_first_generation_never_ready() -> None:
     args = ["--ready-timeout", "2", "--ready", "notify"]
     with pid1(never_ready, args=args) as master:
         assert master.wait_exit(60) == 3, master.diagnose("expected exit code 3")
+
+
+# The demo app, unless the flag file exists: then the worker crashes at once.
+CRASH_IF_FLAGGED = 'test -e "$FLAG" && exit 1; exec "$0" -m handoff.demo.app "$@"'
+
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_pid1_exit_code_4_when_every_worker_keeps_crashing(tmp_path: Path) -> None:
+    flag, version = tmp_path / "crash", tmp_path / "version"
+    version.write_text("v1")
+    command = ["env", f"FLAG={flag}", "sh", "-c", CRASH_IF_FLAGGED, sys.executable]
+    command += ["--version-file", str(version)]
+    with pid1(command, args=["--workers", "2", "--give-up-after", "3"]) as master:
+        port = master.wait_ready()
+        assert get(port, "/")[0] == 200
+        flag.write_text("")
+        for proc in master.namespace():  # the workers die; their respawns crash at once
+            with contextlib.suppress(psutil.Error):
+                if "handoff.demo.app" in proc.cmdline():
+                    proc.kill()
+        gave_up = master.wait_for("master.gave_up", 60)
+        assert str(gave_up["reason"]).startswith("every worker crashed 3 times in a row")
+        assert master.wait_exit(60) == 4, master.diagnose("expected exit code 4")
+        assert not master.namespace(), "processes left in the namespace"

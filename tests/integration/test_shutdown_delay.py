@@ -8,7 +8,7 @@ of the delay; a reload during the delay is refused.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
+import os
 import signal
 import socket
 import sys
@@ -118,29 +118,63 @@ def test_a_reload_during_the_delay_is_refused_and_the_workers_serve_on(tmp_path:
         assert master.wait_exit(20) == 0
 
 
-@pytest.mark.timeout(60)
-def test_master_exited_counts_the_connections_left_in_the_accept_queue(tmp_path: Path) -> None:
-    """Today's stop: once the last worker is off the socket, the master's copy still
-    listens, so connections that arrive during the drain wait in the queue, unserved,
-    and are reset when the master closes it; `master.exited` counts them (`dropped`)."""
-    args = ["--workers", "1", "--drain-timeout", "20"]
+def send_request(sock: socket.socket) -> None:
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+
+
+def answer_status(sock: socket.socket) -> int:
+    """The status code of the one answer on sock (read to the end)."""
+    sock.settimeout(30)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def refused(port: int) -> bool:
+    """Is a new connection refused? (A dropped SYN is sent again about 1 s later.)"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=8).close()
+    except ConnectionRefusedError:
+        return True
+    raise AssertionError("a new connection was accepted during the stop")
+
+
+@pytest.mark.timeout(90)
+def test_a_stop_serves_what_is_queued_and_refuses_what_comes_after(tmp_path: Path) -> None:
+    """The worker is frozen (SIGSTOP) so that three connections wait in the accept queue
+    when the stop begins; it is thawed during the settle, takes them while it is still on
+    the socket, and answers them: nothing queued is dropped (`dropped` 0). A connection
+    that comes after the door shut is refused, at once once the listener is closed."""
+    args = ["--workers", "1", "--drain-timeout", "20", "--settle", "2"]
     with running(demo(tmp_path), args=args) as master:
         port = master.wait_ready()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(get, port, "/sleep?ms=1500", 30)
-            wait_until(lambda: accepted(master) >= 1, 10, "the worker to accept the slow request")
+        (worker,) = master.worker_pids()
+        slow = concurrent.futures.ThreadPoolExecutor(1)
+        in_flight = slow.submit(get, port, "/sleep?ms=3000", 30)
+        wait_until(lambda: accepted(master) >= 1, 10, "the worker to accept the slow request")
+        os.kill(worker, signal.SIGSTOP)
+        queued = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            for sock in queued:
+                send_request(sock)
             mark = master.mark()
             master.signal(signal.SIGTERM)
-            master.wait_for("worker.detached", 10, after=mark)
-            late = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
-            for sock in late:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            assert slow.result(30)[0] == 200
+            closing = master.wait_for("listener.closing", 10, after=mark)
+            assert closing["queued"] == 3, closing
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert [answer_status(sock) for sock in queued] == [200, 200, 200]
+        assert refused(port)  # during the settle: the SYN is dropped, then refused
+        closed = master.wait_for("listener.closed", 10, after=mark)
+        assert closed["dropped"] == 0, closed
+        assert refused(port)
+        assert in_flight.result(30)[0] == 200
+        slow.shutdown()
         assert master.wait_exit(30) == 0
-        assert master.wait_for("master.exited")["dropped"] == 3
-        for sock in late:
-            with sock, contextlib.suppress(ConnectionResetError):
-                assert sock.recv(100) == b"", "a late connection was served"
+        assert master.wait_for("master.exited")["dropped"] == 0
+        for sock in queued:
+            sock.close()
 
 
 @pytest.mark.timeout(90)
@@ -165,3 +199,23 @@ def test_handoff_stop_leaves_status_says_so_and_a_second_stop_skips_the_delay(
         leaving = master.named("master.leaving")[0]
         stopping = master.named("master.stopping")[0]
         assert leaving["reason"] == stopping["reason"] == "stop requested (control)"
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_removes_a_unix_socket_file_once_nobody_accepts(tmp_path: Path) -> None:
+    path = tmp_path / "app.sock"
+    args = ["--workers", "1", "--drain-timeout", "20", "--settle", "1"]
+    with running(demo(tmp_path), args=args, binds=(f"unix:{path}",)) as master:
+        master.wait_for("master.ready", 60)
+        slow = socket.socket(socket.AF_UNIX)
+        slow.connect(str(path))
+        slow.sendall(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        # Taken by the worker at once, or during the settle: it stays on the socket till then.
+        mark = master.mark()
+        master.signal(signal.SIGTERM)
+        closed = master.wait_for("listener.closed", 10, after=mark)
+        assert closed["dropped"] == 0
+        assert not path.exists()  # a new client is told at once: no such socket
+        assert answer_status(slow) == 200  # what the worker holds is still served
+        slow.close()
+        assert master.wait_exit(30) == 0

@@ -18,7 +18,14 @@ import click
 
 from handoff import __version__
 from handoff.cli import control_commands
-from handoff.errors import EXIT_FAILURE, EXIT_NEVER_READY, EXIT_USAGE, ConfigError, HandoffError
+from handoff.errors import (
+    EXIT_FAILURE,
+    EXIT_GAVE_UP,
+    EXIT_NEVER_READY,
+    EXIT_USAGE,
+    ConfigError,
+    HandoffError,
+)
 from handoff.formats import options
 from handoff.formats.http_check import StatusRanges, parse_statuses
 from handoff.formats.http_request import parse_health_address
@@ -177,6 +184,15 @@ def cli() -> None:
     "is `leaving`: /readyz answers 503) before they drain; a second stop skips the rest.",
 )
 @click.option(
+    "--give-up-after",
+    metavar="CRASHES",
+    type=click.IntRange(min=0, max=1000),
+    default=0,
+    show_default=True,
+    help="Stop and exit 4 once every worker has crashed this many times in a row and none "
+    "serves, so that an orchestrator restarts or replaces handoff. 0: respawn for ever.",
+)
+@click.option(
     "--chdir",
     metavar="DIR",
     default=None,
@@ -261,6 +277,7 @@ def run(
     drain_timeout: float,
     settle: float,
     shutdown_delay: float,
+    give_up_after: int,
     chdir: str | None,
     env_files: tuple[str, ...],
     pidfile: str | None,
@@ -324,6 +341,7 @@ def run(
         env_files=env_files,
         worker_output=options.WorkerOutput(worker_output),
         health=health,
+        give_up_after=give_up_after,
     )
     if PREFLIGHT_VARIABLE in os.environ:  # this is the pre-flight of an upgrade
         return run_preflight(os.environ, sys.stdout)
@@ -334,6 +352,13 @@ def run(
             f"the first generation never became ready: {reason}",
             "the worker's own output is above; check that the server listens on the handed "
             "socket ({fd} or LISTEN_FDS), and --ready and --ready-timeout",
+            code,
+        )
+    elif code == EXIT_GAVE_UP:
+        _report(
+            f"gave up: {reason}",
+            "the workers' own output is above; a reload with a fixed release would have "
+            "replaced them (--give-up-after)",
             code,
         )
     return code

@@ -36,6 +36,18 @@ class DetachListeners:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StopTakingConnections:
+    """The master stops: its own listeners start no new connection; what is queued stays
+    for the workers still on them (their detach waits for their stop signal)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseListeners:
+    """The master stops and no worker accepts any more: close the listeners it alone holds
+    (not those systemd holds too), so that a new connection is refused, not left waiting."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class KillTree:
     """SIGKILL the worker's process group, then any descendant that left the group."""
 
@@ -91,6 +103,8 @@ Action = (
     SpawnWorker
     | SendSignal
     | DetachListeners
+    | StopTakingConnections
+    | CloseListeners
     | KillTree
     | StartTimer
     | CancelTimer

@@ -9,7 +9,7 @@ generation never becoming ready, stopping) it does not decide: it returns a ``Ch
 
     STARTING -> ACTIVE      every worker ready (the Supervisor activates on ``Complete``)
     STARTING -> FAILED      a worker lost before the generation served (``Failing``)
-    STARTING | ACTIVE -> DRAINING   replaced, or the master stops
+    STARTING | ACTIVE -> DRAINING   replaced, or the master stops (or gives up: ``GivingUp``)
     DRAINING | FAILED -> GONE       every worker reaped, nothing spawning or respawning
 """
 
@@ -53,7 +53,15 @@ class Failing:
     reason: str
 
 
-Change = Complete | Failing | None
+@dataclass(frozen=True, slots=True)
+class GivingUp:
+    """Every worker of this serving generation keeps crashing (--give-up-after)."""
+
+    gen: Generation
+    reason: str
+
+
+Change = Complete | Failing | GivingUp | None
 
 
 class Generations:
@@ -117,8 +125,16 @@ class Generations:
         for worker in gen.live_workers():
             self.workers.stop(worker, out)
 
-    def drain(self, gen: Generation, why: str, signal_name: str, out: list[act.Action]) -> None:
-        """ACTIVE | STARTING -> DRAINING."""
+    def drain(
+        self,
+        gen: Generation,
+        why: str,
+        signal_name: str,
+        out: list[act.Action],
+        *,
+        accept_until_signal: bool = False,
+    ) -> None:
+        """ACTIVE | STARTING -> DRAINING (accept_until_signal: see ``WorkerLifecycle.stop``)."""
         _require(gen, GenerationState.ACTIVE, GenerationState.STARTING)
         gen.state = GenerationState.DRAINING
         self.respawns.cancel(gen.id, out)
@@ -126,7 +142,7 @@ class Generations:
             act.report(EventName.GENERATION_DRAINING, gen=gen.id, reason=why, signal=signal_name)
         )
         for worker in gen.live_workers():
-            self.workers.stop(worker, out)
+            self.workers.stop(worker, out, accept_until_signal=accept_until_signal)
         self.check_gone(gen, out)
 
     def check_gone(self, gen: Generation, out: list[act.Action]) -> None:
@@ -290,10 +306,19 @@ class Generations:
             case GenerationState.ACTIVE:
                 ready_for = None if ready_at is None else now - ready_at
                 self.respawns.schedule(gen.id, slot, ready_for_s=ready_for, reason=reason, out=out)
+                return self._giving_up(gen, reason)
             case GenerationState.DRAINING | GenerationState.FAILED | GenerationState.GONE:
                 pass
             case _:
                 assert_never(gen.state)
+        return None
+
+    def _giving_up(self, gen: Generation, reason: str) -> Change:
+        limit = self._policy.give_up_after
+        if not limit or gen.ready_count():
+            return None
+        if all(self.respawns.crashes(gen.id, slot) >= limit for slot in range(gen.size)):
+            return GivingUp(gen, f"every worker crashed {limit} times in a row; last: {reason}")
         return None
 
     def _ready_timeout(self, worker: Worker, out: list[act.Action]) -> Change:

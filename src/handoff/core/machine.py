@@ -29,7 +29,7 @@ from typing import assert_never
 from handoff.core import actions as act
 from handoff.core import events as ev
 from handoff.core import restore
-from handoff.core.generations import Change, Complete, Failing, Generations
+from handoff.core.generations import Change, Complete, Failing, Generations, GivingUp
 from handoff.core.model import (
     Generation,
     GenerationState,
@@ -42,7 +42,7 @@ from handoff.core.model import (
 from handoff.core.policy import Policy, ReloadOutcome
 from handoff.core.snapshot import MachineSnapshot, ReloadRecord
 from handoff.core.timers import TimerKey, TimerKind, remaining
-from handoff.errors import EXIT_NEVER_READY, EXIT_OK
+from handoff.errors import EXIT_GAVE_UP, EXIT_NEVER_READY, EXIT_OK
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 
@@ -69,6 +69,7 @@ class Supervisor:
         self._fast_stop = False
         self._exit: act.Exit | None = None
         self._exited = False
+        self._listeners_closed = False  # CloseListeners said, once, while stopping
 
     # -- views (read by the loop, the control server, status and the systemd glue) ------
 
@@ -134,7 +135,7 @@ class Supervisor:
         return out
 
     def _act_on(self, change: Change, now: float, out: list[act.Action]) -> None:
-        """What a change of a starting generation means for the master."""
+        """What a change of a generation (starting, or serving no more) means for the master."""
         match change:
             case None:
                 pass
@@ -142,6 +143,15 @@ class Supervisor:
                 self._activate(gen, now, out)
             case Failing(gen=gen, reason=reason):
                 self._fail(gen, reason, now, out)
+            case GivingUp(gen=gen, reason=reason) if self.state is MasterState.RUNNING:
+                # Nothing serves: exit, so that an orchestrator restarts or replaces us. A
+                # reload in progress may bring the fix, a stop is under way: not then.
+                out.append(
+                    act.report(EventName.MASTER_GAVE_UP, Level.ERROR, gen=gen.id, reason=reason)
+                )
+                self._begin_stop(fast=False, now=now, out=out, code=EXIT_GAVE_UP, reason=reason)
+            case GivingUp():
+                pass
             case _:
                 assert_never(change)
 
@@ -289,9 +299,12 @@ class Supervisor:
         self._fast_stop = fast
         self._exit = act.Exit(code=code, reason=reason)
         out.append(act.report(EventName.MASTER_STOPPING, fast=fast, reason=reason))
+        # No new connection from here on; the workers take what is queued, then leave.
+        out.append(act.StopTakingConnections())
         for gen in list(self.generations.values()):
             if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
-                self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
+                signal_name = self._stop_signal_name()
+                self._gens.drain(gen, "stopping", signal_name, out, accept_until_signal=not fast)
         if fast:
             self._kill_all(out)
 
@@ -308,7 +321,12 @@ class Supervisor:
             lifecycle.kill(worker, "fast stop", out)
 
     def _check_exit(self, out: list[act.Action]) -> None:
-        if self.state is MasterState.STOPPING and not self.generations and not self._exited:
+        if self.state is not MasterState.STOPPING:
+            return
+        if not self._listeners_closed and not self._gens.workers.any_accepting():
+            self._listeners_closed = True
+            out.append(act.CloseListeners())
+        if not self.generations and not self._exited:
             assert self._exit is not None
             self._exited = True
             out.append(self._exit)

@@ -27,6 +27,9 @@ class Policy:
     respawn_base_s: float = 0.1
     respawn_cap_s: float = 30.0
     crash_loop_after: int = 5
+    # --give-up-after: stop (exit 4) once every worker of the serving generation has
+    # crashed this many times in a row and none serves. 0: respawn for ever.
+    give_up_after: int = 0
     # A worker that was ready this long before dying starts a fresh backoff; one that
     # dies sooner (even after becoming ready) counts as one more crash in a row.
     stable_after_s: float = 10.0
@@ -58,6 +61,7 @@ class Policy:
             stop_signal=config.stop_signal,
             settle_s=config.timeouts.settle_s,
             shutdown_delay_s=config.timeouts.shutdown_delay_s,
+            give_up_after=config.give_up_after,
         )
 
 

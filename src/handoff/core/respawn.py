@@ -83,6 +83,10 @@ class Respawns:
             waiting.discard(slot)
             out.append(act.CancelTimer(key=respawn_key(gen, slot)))
 
+    def crashes(self, gen: GenId, slot: int) -> int:
+        """How many times in a row the slot's worker died before it was stable."""
+        return self._crashes.get((gen, slot), 0)
+
     def pending(self, gen: GenId) -> bool:
         """Does a slot of the generation still wait for its respawn timer?"""
         return bool(self._pending.get(gen))

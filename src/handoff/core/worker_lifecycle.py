@@ -10,6 +10,8 @@ changes generations, the ``Supervisor`` the master). The states and edges
     STARTING -> READY                    proved ready (readiness.py)
     STARTING | READY -> SETTLING         taken off the listening socket (DetachListeners)
     SETTLING -> SIGNALLED                after --settle: the stop signal, once; drain timer
+                                         (when the master stops, the worker stays on the
+                                         sockets through the settle, detached only here)
     live -> KILLED                       drain timeout or fast stop: KillTree
     live -> EXITED                       reaped; forgotten here and only here
 """
@@ -48,12 +50,19 @@ class WorkerLifecycle:
         self._policy = policy
         self._readiness = readiness
         self._workers: dict[Pid, Worker] = {}
+        # Settling workers still on the sockets (the master stops): detached at their signal.
+        self._accepting: set[Pid] = set()
 
     def get(self, pid: Pid) -> Worker | None:
         return self._workers.get(pid)
 
     def live(self) -> list[Worker]:
         return list(self._workers.values())
+
+    def any_accepting(self) -> bool:
+        """Is a worker still on the listening sockets (or about to be, once ready)?"""
+        on = (WorkerState.STARTING, WorkerState.READY)
+        return bool(self._accepting) or any(w.state in on for w in self._workers.values())
 
     def spawned(self, gen: GenId, slot: int, pid: Pid, now: float, out: list[act.Action]) -> Worker:
         """A new worker: STARTING (the caller starts its readiness watch, or stops it)."""
@@ -112,15 +121,29 @@ class WorkerLifecycle:
         """The worker sent STATUS= (shown by ``handoff status``); no state changes."""
         worker.status = status
 
-    def stop(self, worker: Worker, out: list[act.Action], *, respawn_reason: str = "") -> None:
+    def stop(
+        self,
+        worker: Worker,
+        out: list[act.Action],
+        *,
+        respawn_reason: str = "",
+        accept_until_signal: bool = False,
+    ) -> None:
         """STARTING | READY -> SETTLING: first stop it accepting (from outside), then, after
-        the settle, signal it. With respawn_reason, its slot is respawned once it exits."""
+        the settle, signal it. With respawn_reason, its slot is respawned once it exits.
+
+        accept_until_signal (the master stops, its listeners take no new connection): the
+        worker stays on the sockets through the settle to take what is queued, and is
+        detached just before its stop signal."""
         if worker.state not in (WorkerState.STARTING, WorkerState.READY):
             return
         worker.state = WorkerState.SETTLING
         worker.respawn_reason = respawn_reason
         self._readiness.forget(worker, out)
-        out.append(act.DetachListeners(pid=worker.pid))
+        if accept_until_signal and self._policy.settle_s > 0:
+            self._accepting.add(worker.pid)
+        else:
+            out.append(act.DetachListeners(pid=worker.pid))
         if self._policy.settle_s > 0:
             key = TimerKey(TimerKind.SETTLE, worker.pid)
             out.append(act.StartTimer(key=key, delay_s=self._policy.settle_s))
@@ -132,6 +155,9 @@ class WorkerLifecycle:
         if worker.state is not WorkerState.SETTLING:
             return
         worker.state = WorkerState.SIGNALLED
+        if worker.pid in self._accepting:
+            self._accepting.discard(worker.pid)
+            out.append(act.DetachListeners(pid=worker.pid))
         out.append(act.SendSignal(pid=worker.pid, signal=self._policy.stop_signal))
         key = TimerKey(TimerKind.DRAIN, worker.pid)
         out.append(act.StartTimer(key=key, delay_s=self._policy.drain_timeout_s))
@@ -152,6 +178,7 @@ class WorkerLifecycle:
     def exited(self, pid: Pid, status: ExitStatus, now: float, out: list[act.Action]) -> Exited:
         """Any live state -> EXITED: forget the worker, say whether it was lost."""
         worker = self._workers.pop(pid, None)
+        self._accepting.discard(pid)
         if worker is None:
             raise InvalidTransition(f"pid {pid} reported exited but is not a live worker")
         was = worker.state

@@ -178,7 +178,7 @@ class _HttpConnection(asyncio.Protocol):
         http10 = version == b"HTTP/1.0"
         keep_alive = b"keep-alive" in tokens if http10 else b"close" not in tokens
         path, _, query = target.decode("latin-1").partition("?")
-        if method == b"GET" and path == "/":
+        if method in (b"GET", b"POST") and path == "/":  # a POST's body is read and ignored
             self._answer(keep_alive)
         elif method == b"GET" and path == "/sleep" and (ms := _sleep_ms(query)) is not None:
             self._busy = True

@@ -315,6 +315,7 @@ class RunConfig:
     env_files: tuple[str, ...] = ()  # --env-file, absolute; read at each generation's start
     worker_output: WorkerOutput = WorkerOutput.ATTRIBUTED
     health: BindSpec | None = None  # --health: the health endpoint
+    give_up_after: int = 0  # --give-up-after: crashes in a row of every worker; 0: never
 
 
 def parse_group(text: str) -> int:

@@ -67,6 +67,7 @@ class Holdings:
     generation_dirs: dict[GenId, str] = field(default_factory=dict)
     output: WorkerOutput | None = None  # the workers' output pipes: open_output
     metric_counts: dict[str, int] = field(default_factory=dict)  # master/metrics.py
+    dropped_connections: int = 0  # left queued when a stop closed the listeners early
 
     def open_output(
         self,

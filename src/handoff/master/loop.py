@@ -28,6 +28,7 @@ from handoff.formats.options import RunConfig
 from handoff.master.control_server import ControlServer, MasterView
 from handoff.master.health_server import open_health
 from handoff.master.holdings import Carried, Holdings
+from handoff.master.listener_closing import at_stop
 from handoff.master.logs import LineWriter, emit
 from handoff.master.probes import Probes
 from handoff.master.reexec import signal_and_wait
@@ -339,6 +340,8 @@ class MasterLoop:
                     emit(EventName.WORKER_SIGNALLED, Level.DEBUG, pid=pid, signal=sig.name)
             case act.DetachListeners(pid=pid):
                 self._probes.detach(pid, self._machine)
+            case act.StopTakingConnections() | act.CloseListeners():
+                self._holdings.dropped_connections += at_stop(action, self._listeners)
             case act.KillTree(pid=pid):
                 self._system.kill_tree(pid)
             case act.StartTimer(key=key, delay_s=delay):

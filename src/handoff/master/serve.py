@@ -12,17 +12,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from handoff.core import events as ev
 from handoff.core.snapshot import SnapshotError
 from handoff.errors import HandoffError
 from handoff.formats.log_events import EventName, Level
-from handoff.formats.options import BindKind, RunConfig
+from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD, expand_placeholders
 from handoff.master import resume_state
 from handoff.master.failpoints import Failpoints
 from handoff.master.holdings import Holdings
+from handoff.master.listener_closing import abandoned_connections
 from handoff.master.logs import LineWriter, emit
 from handoff.master.loop import MasterLoop
 from handoff.master.reexec import reserve_state_fd
@@ -31,7 +32,6 @@ from handoff.master.system import RealSystem
 from handoff.master.systemd import sync_fd_store
 from handoff.master.takeover import after_crash, stop_orphans, take_over
 from handoff.system import children, runtime_files, systemd_sockets
-from handoff.system.listen_queue import accept_queue
 from handoff.system.output_relay import start_relay
 from handoff.system.signals import HANDLED, SignalInbox
 from handoff.system.sockets import (
@@ -81,6 +81,7 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
     inbox = SignalInbox()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     listeners = []
+    holdings: Holdings | None = None
     try:
         listeners = open_listeners(specs, run_config.backlog or default_backlog())
         unused = systemd_sockets.close_unused(passed, specs)
@@ -133,7 +134,7 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
         reason = loop.exit_reason
     finally:
         inbox.close()
-        dropped = abandoned_connections(listeners)  # every worker is gone: these are reset at close
+        dropped = _dropped(holdings, listeners)
         close_listeners(listeners)
         _remove_pidfile(run_config.pidfile)
         warden.release()
@@ -143,19 +144,11 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
     return code, reason
 
 
-def abandoned_connections(listeners: Iterable[Listener]) -> int:
-    """Connections waiting on the TCP listeners that close for good with the master's copy
-    (every worker is gone by now, so the kernel resets them at close).
-
-    A socket systemd holds too (passed to us, ``fd:``, or kept in its fd store) outlives
-    this master: what waits in its queue is served by the next one, not dropped.
-    """
-    total = 0
-    for listener in listeners:
-        if listener.spec.kind is not BindKind.FD and not listener.stored:
-            queue = accept_queue(listener.sock)
-            total += 0 if queue is None else queue[0]
-    return total
+def _dropped(holdings: Holdings | None, listeners: Sequence[Listener]) -> int:
+    """Connections reset with the listeners: at a stop's early close, and what still waits
+    now (every worker is gone)."""
+    early = holdings.dropped_connections if holdings is not None else 0
+    return early + abandoned_connections(listeners)
 
 
 def _serve_handed(run_config: RunConfig, log: LineWriter, state: ResumeState) -> tuple[int, str]:
@@ -179,7 +172,7 @@ def _serve_handed(run_config: RunConfig, log: LineWriter, state: ResumeState) ->
         reason = loop.exit_reason
     finally:
         inbox.close()
-        dropped = abandoned_connections(handed.holdings.listeners)
+        dropped = _dropped(handed.holdings, handed.holdings.listeners)
         close_listeners(list(handed.holdings.listeners))
         _remove_pidfile(run_config.pidfile)
         handed.warden.release()

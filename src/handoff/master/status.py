@@ -123,5 +123,5 @@ def listening_ports(listeners: Sequence[Listener]) -> frozenset[int]:
     return frozenset(
         lst.sock.getsockname()[1]
         for lst in listeners
-        if lst.sock.family in (socket.AF_INET, socket.AF_INET6)
+        if lst.sock.family in (socket.AF_INET, socket.AF_INET6) and lst.sock.fileno() >= 0
     )

@@ -95,7 +95,10 @@ def open_listeners(specs: tuple[BindSpec, ...], backlog: int) -> list[Listener]:
 
 
 def close_listeners(listeners: list[Listener]) -> None:
+    """Close each listener not closed yet, and remove a unix socket's file if it is ours."""
     for listener in listeners:
+        if listener.sock.fileno() < 0:
+            continue  # closed already, by a stop (master/listener_closing.py)
         if listener.created_path is None:
             listener.sock.close()
         else:
