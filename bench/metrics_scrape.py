@@ -1,13 +1,17 @@
 """What a /metrics scrape costs the master: milliseconds per answer, master CPU per scrape.
 
-    python -m bench.metrics_scrape [--scrapes N] [--workers W] [--rounds R] [--json OUT]
+    python -m bench.metrics_scrape [--scrapes N] [--workers W] [--rounds R] [--reloads K]
+                                   [--json OUT]
 
 A real `handoff run --health 127.0.0.1:0` master with W demo-app workers (idle: no load)
 is asked GET /metrics N times in a row, one fresh connection each (as Prometheus does),
 then GET /livez N times as a baseline (the endpoint's own cost without the rendering).
 Measured: each answer's latency at the client (connect to last byte), and the master's
-CPU time (utime + stime from /proc/PID/stat) over the N scrapes, divided by N. The
-figures are medians over the rounds. Results: docs/benchmarks.md.
+CPU time (utime + stime from /proc/PID/stat) over the N scrapes, divided by N. Then K
+pairs of reloads, alternately without scrapes and with a scraper asking /metrics every
+100 ms: each reload's own duration (`reload.succeeded` `duration_s`), so that what the
+scrapes cost the reloads shows as a ratio of medians. The figures are medians over the
+rounds. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -42,10 +48,13 @@ def get(port: int, path: str) -> bytes:
     return answer
 
 
+CONTROL = f"/tmp/handoff-bench-{os.getpid()}.sock"  # noqa: S108
+
+
 def start(workers: int) -> tuple[subprocess.Popen[bytes], int]:
     argv = [sys.executable, "-m", "handoff", "run", "--log-format", "json"]
     argv += ["--bind", "127.0.0.1:0", "--health", "127.0.0.1:0", "--workers", str(workers)]
-    argv += ["--control", f"/tmp/handoff-bench-{os.getpid()}.sock"]  # noqa: S108
+    argv += ["--control", CONTROL]
     argv += ["--", sys.executable, "-m", "handoff.demo.app"]
     master = subprocess.Popen(argv, stderr=subprocess.PIPE, start_new_session=True)
     assert master.stderr is not None
@@ -81,19 +90,63 @@ def measure(pid: int, port: int, path: str, scrapes: int) -> dict[str, float]:
     }
 
 
+def next_event(stream: IO[bytes], name: str) -> dict[str, object]:
+    for raw in stream:
+        if raw.startswith(b"{") and (event := json.loads(raw))["event"] == name:
+            return dict(event)
+    raise SystemExit(f"the master exited before {name}")
+
+
+def reload_duration(master: subprocess.Popen[bytes]) -> float:
+    """One reload through the control socket; its duration as the master measured it."""
+    assert master.stderr is not None
+    argv = [sys.executable, "-m", "handoff", "reload", "--control", CONTROL]
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    return float(str(next_event(master.stderr, "reload.succeeded")["duration_s"]))
+
+
+def reloads(master: subprocess.Popen[bytes], port: int, count: int) -> dict[str, float]:
+    """Median reload durations without scrapes and with one every 100 ms, interleaved."""
+    plain: list[float] = []
+    scraped: list[float] = []
+    for _ in range(count):
+        plain.append(reload_duration(master))
+        stop = threading.Event()
+
+        def scrape(done: threading.Event = stop) -> None:
+            while not done.wait(0.1):
+                get(port, "/metrics")
+
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        try:
+            scraped.append(reload_duration(master))
+        finally:
+            stop.set()
+            scraper.join(30)
+    without, with_scrapes = statistics.median(plain), statistics.median(scraped)
+    return {
+        "reload_median_s": without,
+        "reload_median_s_scraped_every_100ms": with_scrapes,
+        "ratio": with_scrapes / without,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scrapes", type=int, default=500)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reloads", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    rounds: dict[str, list[dict[str, float]]] = {"/metrics": [], "/livez": []}
+    rounds: dict[str, list[dict[str, float]]] = {"/metrics": [], "/livez": [], "reloads": []}
     for _ in range(args.rounds):
         master, port = start(args.workers)
         try:
-            for path, runs in rounds.items():
-                runs.append(measure(master.pid, port, path, args.scrapes))
+            for path in ("/metrics", "/livez"):
+                rounds[path].append(measure(master.pid, port, path, args.scrapes))
+            rounds["reloads"].append(reloads(master, port, args.reloads))
         finally:
             master.send_signal(signal.SIGTERM)
             master.wait(60)

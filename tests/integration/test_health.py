@@ -10,6 +10,7 @@ neither stop a reload under load from succeeding nor the master from answering.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shlex
@@ -316,3 +317,17 @@ def test_metrics_scraped_every_100ms_during_10_reloads_and_a_reexec(tmp_path: Pa
         assert 'handoff_workers{state="ready"} 2.0' in body
         assert f'handoff_listener_accept_queue{{address="127.0.0.1:{port}"}}' in body
         print(f"reload durations with scrapes every 100 ms: {durations}")
+
+
+@pytest.mark.timeout(120)
+def test_the_metrics_bench_runs(tmp_path: Path) -> None:
+    """A short run of bench/metrics_scrape.py, so that it cannot rot (figures: bench)."""
+    out = tmp_path / "result.json"
+    argv = [sys.executable, "-m", "bench.metrics_scrape", "--rounds", "1", "--scrapes", "5"]
+    argv += ["--reloads", "1", "--workers", "1", "--json", str(out)]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=100, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["/metrics"]["answer_bytes"] > 1000
+    assert result["reloads"]["reload_median_s"] > 0
