@@ -218,6 +218,11 @@ def started(
     policy = make_policy(
         workers=workers, ready_timeout_s=ready_timeout_s, drain_timeout_s=drain_timeout_s
     )
+    return serving_with(policy)
+
+
+def serving_with(policy: Policy) -> FakeLoop:
+    """A loop with this policy whose first generation (gen 1) is serving."""
     loop = FakeLoop(policy)
     loop.start()
     for pid in loop.pids(1):

@@ -10,20 +10,16 @@ import dataclasses
 from handoff.core.model import GenerationState, MasterState
 from handoff.errors import EXIT_GAVE_UP
 from handoff.formats.log_events import EventName
-from tests.unit.test_machine import FakeLoop, make_policy, names, report, spawns
+from tests.unit.test_machine import FakeLoop, make_policy, names, report, serving_with, spawns
 
 LONG = 60.0  # past any respawn backoff
 
 
 def serving(give_up_after: int, workers: int = 2) -> FakeLoop:
     """A loop with --give-up-after whose first generation (gen 1) serves."""
-    policy = dataclasses.replace(make_policy(workers=workers), give_up_after=give_up_after)
-    loop = FakeLoop(policy)
-    loop.start()
-    for pid in loop.pids(1):
-        loop.ready(pid)
-    assert loop.master_state() is MasterState.RUNNING
-    return loop
+    return serving_with(
+        dataclasses.replace(make_policy(workers=workers), give_up_after=give_up_after)
+    )
 
 
 def crash_slot(loop: FakeLoop, slot: int, times: int) -> list[str]:

@@ -17,7 +17,16 @@ from handoff.errors import EXIT_OK
 from handoff.formats.log_events import EventName
 from handoff.master.health_server import not_ready
 from handoff.master.systemd import messages_for, status_text
-from tests.unit.test_machine import STOP, FakeLoop, make_policy, names, of_type, report, spawns
+from tests.unit.test_machine import (
+    STOP,
+    FakeLoop,
+    make_policy,
+    names,
+    of_type,
+    report,
+    serving_with,
+    spawns,
+)
 from tests.unit.test_resume import reexec
 
 DELAY = TimerKey(TimerKind.SHUTDOWN_DELAY, 0)
@@ -26,12 +35,7 @@ DELAY = TimerKey(TimerKind.SHUTDOWN_DELAY, 0)
 def serving(delay_s: float = 2.0, workers: int = 2) -> FakeLoop:
     """A loop with --shutdown-delay whose first generation (gen 1) serves."""
     policy = dataclasses.replace(make_policy(workers=workers), shutdown_delay_s=delay_s)
-    loop = FakeLoop(policy)
-    loop.start()
-    for pid in loop.pids(1):
-        loop.ready(pid)
-    assert loop.master_state() is MasterState.RUNNING
-    return loop
+    return serving_with(policy)
 
 
 def test_a_stop_leaves_first_and_the_workers_serve_for_the_delay() -> None:

@@ -9,19 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from handoff.core import actions as act
-from handoff.core.model import MasterState
-from tests.unit.test_machine import STOP, FakeLoop, make_policy, of_type
+from tests.unit.test_machine import STOP, FakeLoop, make_policy, of_type, serving_with
 
 SETTLE = 0.25
 
 
 def serving(*, settle_s: float = SETTLE, workers: int = 2) -> FakeLoop:
-    loop = FakeLoop(make_policy(workers=workers, settle_s=settle_s))
-    loop.start()
-    for pid in loop.pids(1):
-        loop.ready(pid)
-    assert loop.master_state() is MasterState.RUNNING
-    return loop
+    return serving_with(make_policy(workers=workers, settle_s=settle_s))
 
 
 def steps(actions: Sequence[act.Action]) -> list[str]:

@@ -11,7 +11,6 @@ docs/control.md is the contract.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from handoff.formats.control_protocol import (
     parse_request,
 )
 from handoff.formats.log_events import EventName, Level
+from handoff.master.client_deadlines import ClientDeadlines
 from handoff.master.control_clients import Client, Placement, Waiting
 from handoff.master.health_server import not_ready
 from handoff.master.logs import emit
@@ -42,9 +42,6 @@ from handoff.system.sockets import bind_control_socket, peer_credentials, peer_g
 MAX_CLIENTS: Final = 64
 MAX_OUTPUT: Final = 1 << 20
 REQUEST_DEADLINE_S: Final = 5.0
-# accept() failing for want of a resource (EMFILE...) leaves the socket readable: the
-# listener is set aside until a client leaves or this long has passed, instead of spinning.
-ACCEPT_PAUSE_S: Final = 1.0
 _INTERRUPTED: Final = "interrupted: the master re-executed itself; see 'handoff status'"
 _ACCEPTED: Final = {
     EventName.RELOAD_REQUESTED: "started",
@@ -110,10 +107,9 @@ class ControlServer:
         self._sources = sources
         self._clock = clock
         self._clients: dict[int, Client] = {}
-        self._deadlines: list[tuple[float, int]] = []
+        self._deadlines = ClientDeadlines(clock)
         self._waiting = Waiting()
         self._file: FileId | None = None  # after a re-exec: the kernel is asked at close
-        self._paused_until: float | None = None  # accept() failed: the listener is set aside
         if listening is not None:
             self._sock = listening
             self._sock.setblocking(False)
@@ -126,25 +122,18 @@ class ControlServer:
     # -- loop interface ----------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        while self._deadlines and self._deadlines[0][1] not in self._clients:
-            heapq.heappop(self._deadlines)
-        due = [self._deadlines[0][0]] if self._deadlines else []
-        return min(
-            [*due, self._paused_until] if self._paused_until is not None else due, default=None
-        )
+        return self._deadlines.next_deadline(self._clients)
 
     def listen(self) -> None:
-        self._paused_until = None
+        self._deadlines.paused_until = None
         self._sources.watch(self._sock.fileno(), Watch(Source.CONTROL))
 
     def expire(self, now: float) -> None:
         """Take the listener back; cut clients that did not send their request in time."""
-        if self._paused_until is not None and self._paused_until <= now:
+        if self._deadlines.pause_over(now):
             self.listen()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, fd = heapq.heappop(self._deadlines)
+        for fd in self._deadlines.due(now):
             client = self._clients.get(fd)
-            # The fd may belong to a newer client by now: its own deadline decides.
             if client is not None and not client.answered and client.deadline <= now:
                 self._fail(fd, client, f"no request within {REQUEST_DEADLINE_S:g} s")
 
@@ -156,7 +145,7 @@ class ControlServer:
                 return
             except OSError as exc:  # EMFILE and the like: the client waits in the queue
                 self._sources.unwatch(self._sock.fileno())
-                self._paused_until = self._clock() + ACCEPT_PAUSE_S
+                self._deadlines.pause()
                 emit(EventName.CONTROL_REFUSED, Level.WARNING, reason=f"accept: {exc.strerror}")
                 return
             sock.setblocking(False)
@@ -170,7 +159,7 @@ class ControlServer:
                 emit(EventName.CONTROL_REFUSED, Level.WARNING, reason="permission denied")
                 self._fail(fd, client, "permission denied", "run as the master's user or root")
             else:
-                heapq.heappush(self._deadlines, (client.deadline, fd))
+                self._deadlines.admit(client.deadline, fd)
 
     def on_client(self, fd: int, readable: bool, writable: bool) -> None:
         client = self._clients.get(fd)
@@ -379,7 +368,7 @@ class ControlServer:
         self._waiting.forget(client)
         self._sources.unwatch(fd)
         client.sock.close()
-        if self._paused_until is not None:
+        if self._deadlines.paused_until is not None:
             self.listen()  # an fd is free again
 
     def _watch(self, fd: int, *, write: bool) -> None:

@@ -10,7 +10,6 @@ client never blocks the loop. docs/health.md is the contract.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from handoff.formats.http_request import (
 )
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import BindSpec, RunConfig
+from handoff.master.client_deadlines import ClientDeadlines
 from handoff.master.holdings import Holdings
 from handoff.master.logs import emit
 from handoff.master.metrics import AVAILABLE, MISSING_HINT, EventCounts, render
@@ -37,7 +37,6 @@ from handoff.system.sockets import Listener, close_listeners, open_listeners
 
 MAX_CLIENTS: Final = 64
 REQUEST_DEADLINE_S: Final = 5.0
-ACCEPT_PAUSE_S: Final = 1.0  # accept() failed (EMFILE...): the listener is set aside
 _STOPPING: Final = {
     "stopping": "stopping: the master is shutting down",
     "leaving": "leaving: shutdown delay, the master stops soon",  # --shutdown-delay
@@ -128,8 +127,7 @@ class HealthServer:
         self.counts = counts
         self._scrape = scrape
         self._clients: dict[int, _Client] = {}
-        self._deadlines: list[tuple[float, int]] = []
-        self._paused_until: float | None = None
+        self._deadlines = ClientDeadlines(clock)
         self.served = 0  # answers sent, for tests and status
         if listener is not None:
             listener.sock.setblocking(False)
@@ -141,25 +139,19 @@ class HealthServer:
 
     def listen(self) -> None:
         if self._listener is not None:
-            self._paused_until = None
+            self._deadlines.paused_until = None
             fd = self._listener.sock.fileno()
             self._sources.watch(fd, Watch(Source.HEALTH, fd=fd))
 
     # -- Timed -------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        while self._deadlines and self._deadlines[0][1] not in self._clients:
-            heapq.heappop(self._deadlines)
-        due = [self._deadlines[0][0]] if self._deadlines else []
-        if self._paused_until is not None:
-            due.append(self._paused_until)
-        return min(due, default=None)
+        return self._deadlines.next_deadline(self._clients)
 
     def expire(self, now: float) -> None:
-        if self._paused_until is not None and self._paused_until <= now:
+        if self._deadlines.pause_over(now):
             self.listen()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, fd = heapq.heappop(self._deadlines)
+        for fd in self._deadlines.due(now):
             client = self._clients.get(fd)
             if client is not None and not client.outbox and client.deadline <= now:
                 line = f"no complete request within {REQUEST_DEADLINE_S:g} s"
@@ -187,7 +179,7 @@ class HealthServer:
                 return
             except OSError as exc:  # EMFILE and the like: the client waits in the queue
                 self._sources.unwatch(listening.fileno())
-                self._paused_until = self._clock() + ACCEPT_PAUSE_S
+                self._deadlines.pause()
                 emit(EventName.HEALTH_REFUSED, Level.WARNING, reason=f"accept: {exc.strerror}")
                 return
             sock.setblocking(False)
@@ -199,7 +191,7 @@ class HealthServer:
                 self._reply(fd, client, text_response(503, line))
                 continue
             self._sources.watch(fd, Watch(Source.HEALTH, fd=fd))
-            heapq.heappush(self._deadlines, (client.deadline, fd))
+            self._deadlines.admit(client.deadline, fd)
 
     def _read(self, fd: int, client: _Client) -> None:
         if client.outbox:
@@ -250,7 +242,7 @@ class HealthServer:
         with contextlib.suppress(OSError):
             client.sock.shutdown(socket.SHUT_WR)  # the answer first, then the end
         client.sock.close()
-        if self._paused_until is not None:
+        if self._deadlines.paused_until is not None:
             self.listen()  # an fd is free again
 
     def on_report(self, report: act.Report) -> None:
