@@ -229,14 +229,19 @@ def test_bad_health_address_is_a_usage_error_and_a_taken_port_exit_1(tmp_path: P
     assert "in use" in result.stderr
 
 
-def counters_of(text: str) -> dict[str, float]:
-    """Every `_total` sample of a Prometheus text page, by its name and labels."""
+def samples_of(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text page, by its name and labels."""
     found = {}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
-        if not line.startswith("#") and "_total" in name:
+        if name and not line.startswith("#"):
             found[name] = float(value)
     return found
+
+
+def counters_of(text: str) -> dict[str, float]:
+    """Every `_total` sample of a Prometheus text page, by its name and labels."""
+    return {name: value for name, value in samples_of(text).items() if "_total" in name}
 
 
 class Scraper:
@@ -314,6 +319,13 @@ def test_metrics_scraped_every_100ms_during_10_reloads_and_a_reexec(tmp_path: Pa
         assert counters['handoff_reloads_total{outcome="succeeded"}'] == 10
         assert counters["handoff_master_reexecs_total"] == 1
         assert "handoff_reload_duration_seconds_count 10.0" in body
+        # 2 workers at the start and 2 per reload became ready; 2 old ones detached each time
+        samples = samples_of(body)
+        assert samples["handoff_worker_ready_duration_seconds_count"] == 22
+        assert counters['handoff_workers_detached_total{path="epoll"}'] == 20
+        active = [name for name in samples if 'state="active"' in name and "rss_bytes" in name]
+        assert len(active) == 1, body
+        assert samples[active[0]] > 1_000_000, body
         assert 'handoff_workers{state="ready"} 2.0' in body
         assert f'handoff_listener_accept_queue{{address="127.0.0.1:{port}"}}' in body
         print(f"reload durations with scrapes every 100 ms: {durations}")

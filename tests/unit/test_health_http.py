@@ -135,6 +135,10 @@ def test_counts_carry_over_and_the_histogram_is_cumulative() -> None:
     counts.on_report(report(EventName.RELOAD_FAILED, gen=8, reason="x"))
     counts.on_report(report(EventName.WORKER_RESPAWN_SCHEDULED, gen=7))
     counts.on_report(report(EventName.MASTER_READY))  # not counted
+    counts.on_report(report(EventName.WORKER_READY, gen=7, worker=0, duration_s=0.08))
+    counts.on_report(report(EventName.WORKER_DETACHED, gen=6, worker=0, path="epoll"))
+    counts.on_report(report(EventName.WORKER_DETACHED, gen=6, worker=1, path="signal-only"))
+    counts.on_report(report(EventName.WORKER_DETACHED, gen=6, worker=2, path="epoll"))
     assert counts.get("reloads_succeeded") == 6
     assert counts.get("reloads_failed") == 1
     assert counts.get("respawns") == 3
@@ -145,6 +149,10 @@ def test_counts_carry_over_and_the_histogram_is_cumulative() -> None:
     assert 'handoff_reload_duration_seconds_bucket{le="0.5"} 1.0' in text
     assert 'handoff_reload_duration_seconds_bucket{le="+Inf"} 1.0' in text
     assert "handoff_master_reexecs_total 2.0" in text
+    assert 'handoff_worker_ready_duration_seconds_bucket{le="0.1"} 1.0' in text
+    assert "handoff_worker_ready_duration_seconds_sum 0.08" in text
+    assert 'handoff_workers_detached_total{path="epoll"} 2.0' in text
+    assert 'handoff_workers_detached_total{path="signal-only"} 1.0' in text
     assert 'handoff_generations{state="active"} 1.0' in text
     assert 'handoff_master_state{state="running"} 1.0' in text
 

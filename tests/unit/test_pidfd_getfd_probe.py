@@ -21,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from handoff.core.model import Pid
+from handoff.formats.log_events import EventName
 from handoff.formats.options import ReadyMode, ReadySpec, parse_bind
 from handoff.master.probes import Probes
 from handoff.master.sources import Sources
@@ -129,15 +130,15 @@ def test_a_refusal_at_start_is_one_warning_and_every_detach_is_signal_only(
             {},
             detach_check=lambda: "Operation not permitted (EPERM)",
         )
-        for pid in old:
-            probes.detach(Pid(pid), loop.machine)
+        reports = [probes.detach(Pid(pid), loop.machine) for pid in old]
 
     warnings = [e for e in logs if e["event"] == "detach.unavailable"]
     assert len(warnings) == 1
     assert warnings[0]["log_level"] == "warning"
     assert warnings[0]["reason"] == "pidfd_getfd: Operation not permitted (EPERM)"
     assert "SystemCallFilter=" in str(warnings[0]["hint"])
-    detached = [e for e in logs if e["event"] == "worker.detached"]
+    assert {r.event for r in reports} == {EventName.WORKER_DETACHED}
+    detached = [r.fields for r in reports]
     assert [e["pid"] for e in detached] == old
     for entry in detached:
         assert entry["path"] == "signal-only"
@@ -157,8 +158,9 @@ def test_an_allowed_pidfd_getfd_detaches_as_usual(
     (first, *_) = loop.pids(1)
     with capture_logs() as logs:
         probes = Probes(system, sources, AUTO, listeners, {}, detach_check=lambda: None)
-        probes.detach(Pid(first), loop.machine)
+        detached = probes.detach(Pid(first), loop.machine)
 
+    assert detached.event is EventName.WORKER_DETACHED
     assert not [e for e in logs if e["event"] == "detach.unavailable"]
     assert system.names() == ["detach"]
     system.close()

@@ -339,7 +339,7 @@ class MasterLoop:
                 if child is not None and self._system.send_signal(child, sig):
                     emit(EventName.WORKER_SIGNALLED, Level.DEBUG, pid=pid, signal=sig.name)
             case act.DetachListeners(pid=pid):
-                self._probes.detach(pid, self._machine)
+                self._execute(self._probes.detach(pid, self._machine))
             case act.StopTakingConnections() | act.CloseListeners():
                 self._holdings.dropped_connections += at_stop(action, self._listeners)
             case act.KillTree(pid=pid):

@@ -18,6 +18,7 @@ from handoff.core import actions as act
 from handoff.core.model import Generation, GenerationState, GenId, MasterState, WorkerState
 from handoff.formats.log_events import EventName
 from handoff.system.listen_queue import accept_queue, listen_drops
+from handoff.system.process_tree import tree_usage
 from handoff.system.sockets import Listener
 
 try:
@@ -42,15 +43,35 @@ COUNTED: Final[Mapping[EventName, str]] = {
     EventName.WORKER_RESPAWN_SCHEDULED: "respawns",
     EventName.WORKER_CRASH_LOOP: "crash_loops",
     EventName.WORKER_KILLED: "workers_killed",
-    EventName.WORKER_DETACHED: "workers_detached",
-    EventName.DETACH_UNAVAILABLE: "detach_unavailable",
+}
+# worker.detached, counted by its path (the detach's outcome).
+DETACH_PATHS: Final = ("epoll", "signal-only")
+# Events whose duration_s goes into a histogram, and the histogram's stored name.
+TIMED: Final[Mapping[EventName, str]] = {
+    EventName.RELOAD_SUCCEEDED: "reload_seconds",
+    EventName.WORKER_READY: "ready_seconds",
 }
 BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_SUM_MS: Final = "reload_seconds_sum_ms"
 
 
-def _bucket_key(index: int) -> str:
-    return f"reload_seconds_bucket_{index}"  # index len(BUCKETS): above the last bound
+def _bucket_key(histogram: str, index: int) -> str:
+    return f"{histogram}_bucket_{index}"  # index len(BUCKETS): above the last bound
+
+
+def _sum_key(histogram: str) -> str:
+    return f"{histogram}_sum_ms"
+
+
+def _detached_key(path: str) -> str:
+    return f"workers_detached_{path}"
+
+
+def _stored_names() -> Iterator[str]:
+    yield from COUNTED.values()
+    yield from map(_detached_key, DETACH_PATHS)
+    for histogram in TIMED.values():
+        yield _sum_key(histogram)
+        yield from (_bucket_key(histogram, i) for i in range(len(BUCKETS) + 1))
 
 
 class MetricsView(Protocol):
@@ -66,19 +87,22 @@ class EventCounts:
 
     def __init__(self, store: MutableMapping[str, int], carried: Mapping[str, int]) -> None:
         self._store = store
-        for name in (*COUNTED.values(), _SUM_MS, *map(_bucket_key, range(len(BUCKETS) + 1))):
+        for name in _stored_names():
             store.setdefault(name, carried.get(name, 0))
 
     def on_report(self, report: act.Report) -> None:
         name = COUNTED.get(report.event)
-        if name is None:
-            return
-        self._store[name] += 1
+        if name is not None:
+            self._store[name] += 1
+        path = report.fields.get("path")
+        if report.event is EventName.WORKER_DETACHED and path in DETACH_PATHS:
+            self._store[_detached_key(str(path))] += 1
+        histogram = TIMED.get(report.event)
         duration = report.fields.get("duration_s")
-        if report.event is EventName.RELOAD_SUCCEEDED and isinstance(duration, int | float):
+        if histogram is not None and isinstance(duration, int | float):
             index = next((i for i, bound in enumerate(BUCKETS) if duration <= bound), len(BUCKETS))
-            self._store[_bucket_key(index)] += 1
-            self._store[_SUM_MS] += round(duration * 1000)
+            self._store[_bucket_key(histogram, index)] += 1
+            self._store[_sum_key(histogram)] += round(duration * 1000)
 
     def get(self, name: str) -> int:
         return self._store.get(name, 0)
@@ -116,16 +140,24 @@ def _families(
     reloads.add_metric(["succeeded"], counts.get("reloads_succeeded"))
     reloads.add_metric(["failed"], counts.get("reloads_failed"))
     yield reloads
-    cumulative, buckets = 0, []
-    for index, bound in enumerate((*map(str, BUCKETS), "+Inf")):
-        cumulative += counts.get(_bucket_key(index))
-        buckets.append((bound, cumulative))
-    yield HistogramMetricFamily(
+    yield _histogram(
+        counts,
+        "reload_seconds",
         "handoff_reload_duration_seconds",
         "Successful reloads: from the new generation's start until it serves.",
-        buckets=buckets,
-        sum_value=counts.get(_SUM_MS) / 1000,
     )
+    yield _histogram(
+        counts,
+        "ready_seconds",
+        "handoff_worker_ready_duration_seconds",
+        "Workers that became ready: from their spawn until ready.",
+    )
+    detached = CounterMetricFamily(
+        "handoff_workers_detached", "Old workers taken off the sockets, by path.", labels=["path"]
+    )
+    for path in DETACH_PATHS:
+        detached.add_metric([path], counts.get(_detached_key(path)))
+    yield detached
     for name, help_text, key in (
         ("handoff_worker_respawns", "Workers respawned after a crash.", "respawns"),
         ("handoff_worker_crash_loops", "Worker slots given up on (crash loop).", "crash_loops"),
@@ -134,8 +166,6 @@ def _families(
             "Workers SIGKILLed (drain timeout, fast stop).",
             "workers_killed",
         ),
-        ("handoff_workers_detached", "Old workers taken off the sockets.", "workers_detached"),
-        ("handoff_detach_unavailable", "Detaches the kernel refused.", "detach_unavailable"),
         ("handoff_log_lines_dropped", "Log lines dropped (slow reader).", "log_lines_dropped"),
         ("handoff_master_reexecs", "Re-executions of the master in place.", "reexecs"),
     ):
@@ -170,9 +200,41 @@ def _families(
             limit.add_metric([listener.address], found[1])
     yield queue
     yield limit
+    yield from _usage(view)
     for name, value in listen_drops().items():
         yield CounterMetricFamily(
             f"handoff_host_tcp_{name.lower()}",
             f"The kernel's TcpExt {name} (the whole network namespace).",
             value=value,
         )
+
+
+def _histogram(counts: EventCounts, stored: str, name: str, help_text: str) -> Metric:
+    cumulative, buckets = 0, []
+    for index, bound in enumerate((*map(str, BUCKETS), "+Inf")):
+        cumulative += counts.get(_bucket_key(stored, index))
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(
+        name, help_text, buckets=buckets, sum_value=counts.get(_sum_key(stored)) / 1000
+    )
+
+
+def _usage(view: MetricsView) -> Iterator[Metric]:
+    """Memory and CPU of each generation's workers (their whole process trees)."""
+    labels = ["gen", "state"]
+    rss = GaugeMetricFamily(
+        "handoff_generation_rss_bytes", "Resident memory of a generation's workers.", labels=labels
+    )
+    # A gauge: the sum falls when one of the generation's workers exits.
+    cpu = GaugeMetricFamily(
+        "handoff_generation_cpu_seconds",
+        "CPU time used so far by a generation's live workers.",
+        labels=labels,
+    )
+    for gen in view.generations.values():
+        used = [tree_usage(worker.pid, ()) for worker in gen.live_workers()]
+        values = [str(gen.id), gen.state.value]
+        rss.add_metric(values, sum(u.rss_bytes for u in used))
+        cpu.add_metric(values, round(sum(u.cpu_s for u in used), 2))
+    yield rss
+    yield cpu

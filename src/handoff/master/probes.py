@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from handoff.core import actions as act
 from handoff.core import events as ev
 from handoff.core.machine import Supervisor
 from handoff.core.model import GenId, Pid
@@ -258,8 +259,9 @@ class Probes:
                 os.close(probe.report)
         self._running.clear()
 
-    def detach(self, pid: Pid, machine: Supervisor) -> None:
-        """Stop an old worker accepting before its stop signal; log which path was taken."""
+    def detach(self, pid: Pid, machine: Supervisor) -> act.Report:
+        """Stop an old worker accepting before its stop signal; the report of which path
+        was taken (the loop writes it and counts it, like the machine's own)."""
         if self._detach_refused:
             reason = f"pidfd_getfd was refused at start: {self._detach_refused}"
             result = Detachment(processes=0, registrations=0, reason=reason)
@@ -279,4 +281,4 @@ class Probes:
         if result.results:
             fields["detached"] = result.detached
             fields["failed"] = [{"pid": r.pid, "reason": r.error} for r in result.failed]
-        emit(EventName.WORKER_DETACHED, **fields)
+        return act.report(EventName.WORKER_DETACHED, **fields)
