@@ -99,7 +99,7 @@ def test_readyz_follows_the_first_generation_and_the_stop(tmp_path: Path) -> Non
         master.wait_for("master.stopping", 10, after=mark)
         assert fetch(health, "/readyz") == (
             503,
-            "not ready: stopping: the master is shutting down\n",
+            "not ready: stopping: stop requested (SIGTERM)\n",
         )
         assert fetch(health, "/livez") == (200, "live\n")
         code, said = probe(tmp_path)

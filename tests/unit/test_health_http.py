@@ -85,6 +85,7 @@ class View:
 
     state: MasterState
     gens: list[GenerationState] = field(default_factory=list)
+    stop_reason: str = ""
 
     @property
     def generations(self) -> Mapping[GenId, Generation]:

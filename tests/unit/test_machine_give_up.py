@@ -10,6 +10,7 @@ import dataclasses
 from handoff.core.model import GenerationState, MasterState
 from handoff.errors import EXIT_GAVE_UP
 from handoff.formats.log_events import EventName
+from handoff.master.health_server import not_ready
 from tests.unit.test_machine import FakeLoop, make_policy, names, report, serving_with, spawns
 
 LONG = 60.0  # past any respawn backoff
@@ -47,6 +48,7 @@ def test_every_worker_crashing_n_times_in_a_row_gives_up_with_exit_4() -> None:
     assert gave_up.fields["gen"] == 1
     assert str(gave_up.fields["reason"]).startswith("every worker crashed 3 times in a row")
     assert loop.master_state() is MasterState.STOPPING
+    assert str(not_ready(loop.machine)).startswith("stopping: every worker crashed 3 times")
     loop.exit_all(loop.pids(1))
     loop.advance(LONG)
     assert [e.code for e in loop.exits] == [EXIT_GAVE_UP]
@@ -86,3 +88,14 @@ def test_no_give_up_while_a_reload_may_bring_the_fix() -> None:
     assert loop.master_state() is MasterState.RUNNING
     assert loop.gen_state(2) is GenerationState.ACTIVE
     assert not loop.exits
+
+
+def test_readyz_says_why_the_master_stops_when_the_first_generation_failed() -> None:
+    loop = FakeLoop(make_policy(workers=1))
+    loop.start()
+
+    loop.exit(loop.pid(1, 0), code=1)
+
+    assert loop.master_state() is MasterState.STOPPING
+    reason = str(not_ready(loop.machine))
+    assert reason.startswith("stopping: the first generation failed: worker 0 (pid "), reason

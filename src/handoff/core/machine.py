@@ -74,6 +74,12 @@ class Supervisor:
     # -- views (read by the loop, the control server, status and the systemd glue) ------
 
     @property
+    def stop_reason(self) -> str:
+        """Why the master stops, or will after --shutdown-delay ("" while it does not)."""
+        code, reason = (EXIT_OK, "") if self._exit is None else (self._exit.code, self._exit.reason)
+        return f"the first generation failed: {reason}" if code == EXIT_NEVER_READY else reason
+
+    @property
     def generations(self) -> dict[GenId, Generation]:
         """Every generation not yet gone, by id."""
         return self._gens.by_id

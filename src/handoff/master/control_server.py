@@ -31,7 +31,7 @@ from handoff.formats.control_protocol import (
 from handoff.formats.log_events import EventName, Level
 from handoff.master.client_deadlines import ClientDeadlines
 from handoff.master.control_clients import Client, Placement, Waiting
-from handoff.master.health_server import not_ready
+from handoff.master.health_server import HealthView, not_ready
 from handoff.master.logs import emit
 from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
 from handoff.master.resume_state import ClientRecord
@@ -50,11 +50,8 @@ _ACCEPTED: Final = {
 }
 
 
-class MasterView(Protocol):
+class MasterView(HealthView, Protocol):
     """What the control server reads of the machine's state (``Supervisor`` is one)."""
-
-    @property
-    def state(self) -> MasterState: ...
 
     @property
     def workers_target(self) -> int: ...
@@ -65,9 +62,6 @@ class MasterView(Protocol):
     def generation(self, gen: GenId) -> Generation | None: ...
 
     def reloading(self) -> GenId | None: ...
-
-    @property
-    def generations(self) -> Mapping[GenId, Generation]: ...
 
 
 class ControlledMaster(Protocol):

@@ -37,10 +37,7 @@ from handoff.system.sockets import Listener, close_listeners, open_listeners
 
 MAX_CLIENTS: Final = 64
 REQUEST_DEADLINE_S: Final = 5.0
-_STOPPING: Final = {
-    "stopping": "stopping: the master is shutting down",
-    "leaving": "leaving: shutdown delay, the master stops soon",  # --shutdown-delay
-}
+LEAVING: Final = "leaving: shutdown delay, the master stops soon"  # --shutdown-delay
 PATHS: Final = "/livez, /readyz, /metrics"
 
 
@@ -62,13 +59,17 @@ class HealthView(Protocol):
     @property
     def generations(self) -> Mapping[GenId, Generation]: ...
 
+    @property
+    def stop_reason(self) -> str: ...
+
 
 def not_ready(view: HealthView) -> str | None:
     """Why /readyz answers 503 (one line), or None: a generation serves and the master is
     not stopping (a reload in progress keeps the generation that serves ready)."""
-    if view.state not in (MasterState.RUNNING, MasterState.RELOADING, MasterState.STARTING):
-        state = view.state.value  # stopping, or leaving (the --shutdown-delay)
-        return _STOPPING.get(state, f"{state}: the master is stopping")
+    if view.state is MasterState.LEAVING:
+        return LEAVING
+    if view.state is MasterState.STOPPING:
+        return f"stopping: {view.stop_reason or 'the master is shutting down'}"
     serving = any(gen.state is GenerationState.ACTIVE for gen in view.generations.values())
     if not serving:
         return "starting: no generation is ready yet"
