@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from handoff.formats.procfs import EpollTarget
-from handoff.system.detach import _placed
+from handoff.system.detach import _clear_of, _placed
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_a_free_number_holds_the_socket_then_is_free_again(listener: socket.sock
 _OUT_OF_FDS = """
 import os, resource, socket, sys
 from handoff.formats.procfs import EpollTarget
-from handoff.system.detach import _placed
+from handoff.system.detach import _clear_of, _placed
 sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(1)
 read_end, write_end = os.pipe()
 pipe_inode = os.fstat(read_end).st_ino
@@ -104,3 +104,22 @@ def test_out_of_fds_nothing_of_the_masters_is_touched(room: int) -> None:
     lines = result.stdout.splitlines()
     assert lines[-1] == "kept True", lines
     assert lines[0] in ("placed", "refused True"), lines
+
+
+def test_a_pidfd_on_a_target_number_is_moved_out_of_the_way() -> None:
+    """The master's pidfd of the worker must not sit on a number ``_placed`` fills with a
+    socket (it would be hidden while pidfd_getfd needs it: EBADF, seen under pytest)."""
+    pidfd = os.pidfd_open(os.getpid())
+    targets = [EpollTarget(fd=pidfd, inode=1), EpollTarget(fd=pidfd + 2, inode=1)]
+    moved = _clear_of(pidfd, targets)
+    try:
+        assert moved > pidfd + 2
+        assert not os.path.exists(f"/proc/self/fd/{pidfd}")
+        assert os.readlink(f"/proc/self/fd/{moved}") == "anon_inode:[pidfd]"
+    finally:
+        os.close(moved)
+    other = os.pidfd_open(os.getpid())
+    try:
+        assert _clear_of(other, [EpollTarget(fd=other + 1, inode=1)]) == other  # left alone
+    finally:
+        os.close(other)

@@ -42,6 +42,20 @@ def test_epoll_targets_are_the_registered_fds_with_their_inodes() -> None:
     assert epoll_targets(FDINFO) == [EpollTarget(7, 0xBB07BA), EpollTarget(5, 0xBB07BD)]
 
 
+def test_epoll_targets_keep_the_mask_and_data_they_were_registered_with() -> None:
+    first, second = epoll_targets(FDINFO)
+    assert (first.events, first.data) == (0x19, 0x7F4500000007)  # libuv-style tagged data
+    assert (second.events, second.data) == (0x19, 5)
+    edge = "tfd:        3 events: 80000019 data:          c000104008  pos:0 ino:3233a7 sdev:9\n"
+    (go,) = epoll_targets(edge)  # Go's netpoll: edge-triggered, a pointer as data
+    assert (go.fd, go.inode, go.events, go.data) == (3, 0x3233A7, 0x80000019, 0xC000104008)
+
+
+def test_an_fdinfo_line_without_events_still_names_the_registration() -> None:
+    (target,) = epoll_targets("tfd:        9 pos:0 ino:1f sdev:9\n")
+    assert (target.fd, target.inode, target.events, target.data) == (9, 0x1F, 0, 0)
+
+
 def test_an_epoll_set_with_nothing_registered_has_no_targets() -> None:
     assert epoll_targets("pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n") == []
 

@@ -17,7 +17,7 @@ import ipaddress
 import re
 import struct
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
@@ -45,7 +45,11 @@ SYSCALLS: Final[dict[str, dict[int, WaitKind]]] = {
     "aarch64": {202: WaitKind.ACCEPT, 242: WaitKind.ACCEPT, 73: WaitKind.POLL, 72: WaitKind.SELECT},
 }
 
-_TFD = re.compile(r"^tfd:\s*(\d+)\s.*?\bino:([0-9a-f]+)", re.MULTILINE)
+# 'tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x' (fs/eventpoll.c).
+_TFD = re.compile(
+    r"^tfd:\s*(\d+)\s+(?:events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)\s)?.*?\bino:([0-9a-f]+)",
+    re.MULTILINE,
+)
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 POLLFD: Final = struct.Struct("=ihh")  # struct pollfd: int fd; short events; short revents
 POLLIN: Final = 0x001
@@ -67,10 +71,14 @@ UNIX_ACCEPTCON: Final = 0x00010000  # __SO_ACCEPTCON: a listening socket
 
 @dataclass(frozen=True, slots=True)
 class EpollTarget:
-    """One registration in an epoll set: the fd number the process used, and its inode."""
+    """One registration in an epoll set: the fd number the process used, and its inode
+    (together the registration's key), with the event mask and the opaque data it was
+    registered with (what putting it back needs; not part of the key)."""
 
     fd: int
     inode: int
+    events: int = field(default=0, compare=False)
+    data: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +91,10 @@ class BlockedCall:
 
 def epoll_targets(fdinfo: str) -> list[EpollTarget]:
     """The registrations listed in an epoll fd's /proc/PID/fdinfo text."""
-    return [EpollTarget(int(fd), int(inode, 16)) for fd, inode in _TFD.findall(fdinfo)]
+    return [
+        EpollTarget(int(fd), int(inode, 16), int(events or "0", 16), int(data or "0", 16))
+        for fd, events, data, inode in _TFD.findall(fdinfo)
+    ]
 
 
 def socket_inode(link: str) -> int | None:

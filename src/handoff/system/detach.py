@@ -15,17 +15,25 @@ caller logs which path was taken, and which processes were taken off and which n
 
 A server that reacts to a failed EPOLL_CTL_MOD (ENOENT) by adding the socket again (Java
 NIO does) undoes this; only its stop signal stops it accepting (docs/protocol.md).
+
+Each removed registration is recorded with the event mask and data it had (fdinfo shows
+both), which makes the step reversible: ``reattach`` adds it back with ``EPOLL_CTL_ADD``,
+same key, same mask, same data (a pointer, for Go's netpoll), and the worker accepts
+again as if nothing had happened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
+import platform
 import select
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from handoff.core.model import Pid
 from handoff.formats.procfs import EpollTarget, placement_rounds
@@ -42,6 +50,8 @@ class ProcessResult:
     pid: Pid
     removed: int
     error: str = ""  # why (some of) its registrations stay
+    # What was removed, as (epoll fd in the process, registration): what reattach needs.
+    registrations: tuple[tuple[int, EpollTarget], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +71,27 @@ class Detachment:
         return [r.pid for r in self.results if r.removed]
 
     @property
+    def removed(self) -> list[Registration]:
+        """Every registration taken out, with its process: what ``reattach`` puts back."""
+        return [
+            Registration(r.pid, epfd, target)
+            for r in self.results
+            for epfd, target in r.registrations
+        ]
+
+    @property
     def failed(self) -> list[ProcessResult]:
         """The processes that still have a registration, with the reason."""
         return [r for r in self.results if r.error]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One epoll registration of a listening socket in a worker's process."""
+
+    pid: Pid
+    epfd: int  # the epoll fd's number in that process
+    target: EpollTarget
 
 
 def detach(root: Pid, listeners: Mapping[int, int]) -> Detachment:
@@ -107,39 +135,114 @@ def _detach_process(
         return ProcessResult(pid, 0, f"pidfd_open: {_strerror(exc)}")
     if pidfd is None:
         return None  # exited, or its pid names another process now
-    removed = 0
+    pidfd = _clear_of(pidfd, [t for _, targets in registrations for t in targets])
+    taken: list[tuple[int, EpollTarget]] = []
     try:
         for epfd, targets in registrations:
             for batch in placement_rounds(targets):
-                removed += _remove(pidfd, epfd, batch, listeners)
+                taken += ((epfd, target) for target in _remove(pidfd, epfd, batch, listeners))
     except ProcessLookupError:
         pass  # it exited meanwhile: nothing left to take off
     except OSError as exc:
-        return ProcessResult(pid, removed, f"taking it off the socket: {_strerror(exc)}")
+        error = f"taking it off the socket: {_strerror(exc)}"
+        return ProcessResult(pid, len(taken), error, tuple(taken))
     finally:
         os.close(pidfd)
-    return ProcessResult(pid, removed) if removed else None
+    return ProcessResult(pid, len(taken), registrations=tuple(taken)) if taken else None
+
+
+def _clear_of(fd: int, targets: Collection[EpollTarget]) -> int:
+    """fd, moved above the targets' numbers if it is one of them: placing a socket there
+    (``_placed``) would hide it while it is needed."""
+    numbers = {t.fd for t in targets}
+    if fd not in numbers:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(numbers) + 1)
+    finally:
+        os.close(fd)
 
 
 def _strerror(exc: OSError) -> str:
     return os.strerror(exc.errno or errno.EIO)
 
 
-def _remove(pidfd: int, epfd: int, targets: list[EpollTarget], listeners: Mapping[int, int]) -> int:
-    """One round: the targets' fd numbers are all different."""
+def _remove(
+    pidfd: int, epfd: int, targets: list[EpollTarget], listeners: Mapping[int, int]
+) -> list[EpollTarget]:
+    """One round (the targets' fd numbers are all different); the targets removed."""
     # Signals are blocked so that no handler runs (or writes its wakeup byte) while one
     # of the master's fd numbers temporarily names a listening socket.
     with signals.blocked(), _placed(targets, listeners):
         epoll = select.epoll.fromfd(pidfd_getfd(pidfd, epfd))
         try:
-            removed = 0
+            removed = []
             for target in targets:
                 with contextlib.suppress(FileNotFoundError):  # ENOENT: already gone
                     epoll.unregister(target.fd)
-                    removed += 1
+                    removed.append(target)
             return removed
         finally:
             epoll.close()
+
+
+def reattach(registrations: Iterable[Registration], listeners: Mapping[int, int]) -> int:
+    """Put back registrations ``detach`` removed; how many are in place afterwards.
+
+    The caller vouches that each pid is still the worker's process (the master has not
+    reaped it, so the pid cannot have been reused). One already back (EEXIST) counts as in
+    place; a process gone, or one that refuses, is skipped: its worker stays detached.
+    """
+    by_process: dict[tuple[Pid, int], list[EpollTarget]] = {}
+    for registration in registrations:
+        by_process.setdefault((registration.pid, registration.epfd), []).append(registration.target)
+    restored = 0
+    for (pid, epfd), targets in by_process.items():
+        try:
+            pidfd = _clear_of(os.pidfd_open(pid), targets)
+        except OSError:
+            continue  # gone
+        try:
+            for batch in placement_rounds(targets):
+                restored += _add(pidfd, epfd, batch, listeners)
+        except OSError:
+            pass  # exited meanwhile, or refused: what was added stays
+        finally:
+            os.close(pidfd)
+    return restored
+
+
+def _add(pidfd: int, epfd: int, targets: list[EpollTarget], listeners: Mapping[int, int]) -> int:
+    with signals.blocked(), _placed(targets, listeners):
+        copy = pidfd_getfd(pidfd, epfd)
+        try:
+            added = 0
+            for target in targets:
+                event = _EpollEvent(target.events, target.data)
+                if _epoll_ctl(copy, _EPOLL_CTL_ADD, target.fd, ctypes.byref(event)) == 0:
+                    added += 1
+                elif ctypes.get_errno() == errno.EEXIST:
+                    added += 1  # put back already
+                else:
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            return added
+        finally:
+            os.close(copy)
+
+
+# epoll_ctl with the data the registration had: Python's select.epoll only sets data to
+# the fd number, and a server may use anything there (Go: a pointer).
+_EPOLL_CTL_ADD: Final = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_epoll_ctl = _libc.epoll_ctl
+_epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_epoll_ctl.restype = ctypes.c_int
+
+
+class _EpollEvent(ctypes.Structure):
+    # struct epoll_event is packed on x86_64 (__EPOLL_PACKED), naturally aligned elsewhere.
+    _pack_ = 1 if platform.machine() == "x86_64" else 0
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
 
 
 @contextlib.contextmanager
