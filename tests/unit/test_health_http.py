@@ -123,6 +123,15 @@ def test_unknown_paths_get_a_hint() -> None:
     assert answered.endswith(b"hint: the paths are /livez, /readyz, /metrics\n")
 
 
+def test_a_failing_scrape_is_a_500_never_an_exception() -> None:
+    def broken() -> tuple[bytes, str]:
+        raise ValueError("a collector broke")
+
+    answered = answer(Request("GET", "/metrics"), View(MasterState.RUNNING), scrape=broken)
+    assert answered.startswith(b"HTTP/1.1 500 ")
+    assert answered.endswith(b"metrics failed: ValueError: a collector broke\n")
+
+
 def test_metrics_without_prometheus_client_is_a_404_with_a_hint() -> None:
     answered = answer(Request("GET", "/metrics"), View(MasterState.RUNNING), scrape=None)
     assert answered.startswith(b"HTTP/1.1 404 ")

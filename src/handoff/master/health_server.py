@@ -84,7 +84,11 @@ def answer(request: Request, view: HealthView, scrape: Scrape | None = None) -> 
     head_only = request.head_only
     match request.path:
         case "/metrics" if scrape is not None:
-            body, content_type = scrape()
+            try:
+                body, content_type = scrape()
+            except Exception as exc:  # a scrape must never take the master down
+                line = f"metrics failed: {type(exc).__name__}: {str(exc)[:200]}"
+                return text_response(500, line, head_only=head_only)
             return response(200, body, head_only=head_only, content_type=content_type)
         case "/metrics":
             return text_response(404, f"no metrics; hint: {MISSING_HINT}", head_only=head_only)
@@ -154,9 +158,13 @@ class HealthServer:
             self.listen()
         for fd in self._deadlines.due(now):
             client = self._clients.get(fd)
-            if client is not None and not client.outbox and client.deadline <= now:
+            if client is None or client.deadline > now:
+                continue  # the fd belongs to a newer client by now
+            if not client.outbox:
                 line = f"no complete request within {REQUEST_DEADLINE_S:g} s"
                 self._reply(fd, client, text_response(408, line))
+            if self._clients.get(fd) is client:
+                self._drop(fd)  # it does not read its answer: cut, whatever is left unsent
 
     # -- readiness ---------------------------------------------------------------------
 
@@ -187,12 +195,12 @@ class HealthServer:
             fd = sock.fileno()
             client = _Client(sock, self._clock() + REQUEST_DEADLINE_S)
             self._clients[fd] = client
+            self._deadlines.admit(client.deadline, fd)  # every client, the refused too
             if len(self._clients) > MAX_CLIENTS:
                 line = f"too many health clients (at most {MAX_CLIENTS}); try again"
                 self._reply(fd, client, text_response(503, line))
                 continue
             self._sources.watch(fd, Watch(Source.HEALTH, fd=fd))
-            self._deadlines.admit(client.deadline, fd)
 
     def _read(self, fd: int, client: _Client) -> None:
         if client.outbox:
