@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from handoff.core.model import Pid
 from handoff.system.detach import detach, reattach
 from handoff.system.listen_queue import accept_queue
 from tests.integration.harness import APPS
+from tests.integration.launch import socket_at_fd3
 from tests.integration.test_servers_other import _runtime_or_skip, go_bin  # noqa: F401
 from tests.integration.waiting import wait_until
 
@@ -34,15 +34,6 @@ pytestmark = pytest.mark.integration
 if os.geteuid() != 0:
     pytestmark = [pytestmark, pytest.mark.skip(reason="pidfd_getfd needs root (ptrace)")]
 
-# Put the socket on fd 3 and exec the server with LISTEN_PID = its own pid.
-LAUNCH = """import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
 REQUEST = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
 
@@ -82,27 +73,14 @@ SERVERS: dict[str, Callable[[pytest.FixtureRequest], list[str]]] = {
 }
 
 
-@contextlib.contextmanager
 def worker_on(
     listener: socket.socket, command: list[str], version: Path
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """command started with listener at fd 3 (and LISTEN_PID its own pid)."""
-    fd = listener.fileno()
     env = {**os.environ, "DRAIN": "plain", "VERSION_FILE": str(version)}
     if "handoff.demo.app" in command:  # the demo app takes its socket the systemd way only
         env["LISTEN_FDS"] = "1"
-    process = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, str(fd), *command],
-        pass_fds=(fd,),
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
+    return socket_at_fd3(listener.fileno(), command, env)
 
 
 def answer(sock: socket.socket, timeout: float) -> bytes:

@@ -31,6 +31,7 @@ import pytest
 from handoff.system.runtime_files import file_id
 from tests.integration.control_harness import error_lines, handoff, shown, start, status_of
 from tests.integration.harness import running
+from tests.integration.launch import socket_at_fd3
 
 NOBODY = 65534
 STRANGER = 65533
@@ -161,31 +162,13 @@ def restarted(command: list[str], path: Path, store: FdStore) -> Iterator[subpro
     """`handoff run --bind unix:PATH` as systemd starts it again: the stored socket at
     fd 3 with LISTEN_FDS/LISTEN_FDNAMES and LISTEN_PID its own pid."""
     name, fd = store.wait_stored()
-    wrapper = (
-        f"import os, sys; os.dup2({fd}, 3); "
-        "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[1], sys.argv[1:])"
-    )
-    argv = [sys.executable, "-c", wrapper, sys.executable, "-m", "handoff", "run"]
+    argv = [sys.executable, "-m", "handoff", "run"]
     argv += ["--log-format", "json", "--bind", f"unix:{path}"]
     argv += ["--control", f"{path}.ctl", "--", *command]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
     env.update(LISTEN_FDS="1", LISTEN_FDNAMES=name, NOTIFY_SOCKET=store.path)
-    process = subprocess.Popen(
-        argv,
-        env=env,
-        pass_fds=(fd,),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    with socket_at_fd3(fd, argv, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
         yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from handoff.core import actions as act
-from handoff.core.model import Generation, GenerationState, GenId, MasterState
+from handoff.core.model import GenerationState, MasterState
 from handoff.errors import HandoffError
 from handoff.formats.http_request import (
     MAX_HEAD,
@@ -31,9 +31,9 @@ from handoff.formats.options import BindSpec, RunConfig
 from handoff.master.client_deadlines import ClientDeadlines
 from handoff.master.holdings import Holdings
 from handoff.master.logs import emit
-from handoff.master.metrics import AVAILABLE, MISSING_HINT, EventCounts, render
+from handoff.master.metrics import AVAILABLE, MISSING_HINT, EventCounts, MetricsView, render
 from handoff.master.sources import Source, Sources, Watch
-from handoff.system.sockets import Listener, close_listeners, open_listeners
+from handoff.system.sockets import Listener, close_listeners, open_listeners, socket_address
 
 MAX_CLIENTS: Final = 64
 REQUEST_DEADLINE_S: Final = 5.0
@@ -50,14 +50,9 @@ class HealthMaster(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
-class HealthView(Protocol):
-    """What the endpoint reads of the machine (``Supervisor`` is one)."""
-
-    @property
-    def state(self) -> MasterState: ...
-
-    @property
-    def generations(self) -> Mapping[GenId, Generation]: ...
+class HealthView(MetricsView, Protocol):
+    """What the endpoint reads of the machine (``Supervisor`` is one): what /metrics
+    reads, and why the master stops."""
 
     @property
     def stop_reason(self) -> str: ...
@@ -290,9 +285,7 @@ def open_health(
                 raise
             emit(EventName.HEALTH_REFUSED, Level.ERROR, reason=exc.message)
         else:
-            inet = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
-            port = listener.sock.getsockname()[1] if inet else None
-            emit(EventName.HEALTH_LISTENING, address=listener.address, port=port)
+            emit(EventName.HEALTH_LISTENING, address=listener.address, port=listener.port)
     holdings.health_listener = listener  # handed over at a re-exec
     carried = holdings.carried.counters if holdings.carried is not None else {}
     counts = EventCounts(holdings.metric_counts, carried)
@@ -314,10 +307,7 @@ def open_health(
 def _kept(spec: BindSpec, sock: socket.socket) -> Listener:
     """The --health socket a re-exec kept open, as a listener."""
     sock.setblocking(False)
-    if sock.family == socket.AF_UNIX:
-        return Listener(
-            spec=spec, sock=sock, address=f"unix:{spec.path}", name="health", created_path=spec.path
-        )
-    host, port = sock.getsockname()[:2]
-    address = f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-    return Listener(spec=spec, sock=sock, address=address, name="health")
+    path = spec.path if sock.family == socket.AF_UNIX else None
+    return Listener(
+        spec=spec, sock=sock, address=socket_address(sock), name="health", created_path=path
+    )

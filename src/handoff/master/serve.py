@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections.abc import Sequence
 
 from handoff.core import events as ev
@@ -92,14 +91,12 @@ def serve(run_config: RunConfig, log: LineWriter) -> tuple[int, str]:
                 reason="no --bind took this socket systemd passed",
             )
         for index, listener in enumerate(listeners):
-            inet = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
-            port = listener.sock.getsockname()[1] if inet else None
             emit(
                 EventName.LISTENER_BOUND,
                 address=listener.address,
                 fd=FIRST_LISTEN_FD + index,
                 name=listener.name,
-                port=port,
+                port=listener.port,
             )
         sync_fd_store(os.environ, listeners, unused)
         _write_pidfile(run_config.pidfile)

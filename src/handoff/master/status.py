@@ -8,7 +8,6 @@ from one read of /proc/net/tcp and tcp6, matched against the tree's socket fds).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping, Sequence
 
 from handoff import __version__
@@ -120,8 +119,4 @@ def process_title(machine: Supervisor, name: str) -> str:
 
 def listening_ports(listeners: Sequence[Listener]) -> frozenset[int]:
     """The TCP ports the master listens on (connections on them count in status)."""
-    return frozenset(
-        lst.sock.getsockname()[1]
-        for lst in listeners
-        if lst.sock.family in (socket.AF_INET, socket.AF_INET6) and lst.sock.fileno() >= 0
-    )
+    return frozenset(port for lst in listeners if (port := lst.port) is not None)

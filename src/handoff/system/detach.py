@@ -48,10 +48,13 @@ class ProcessResult:
     """What detaching did in one process of the tree that registers a listening socket."""
 
     pid: Pid
-    removed: int
     error: str = ""  # why (some of) its registrations stay
     # What was removed, as (epoll fd in the process, registration): what reattach needs.
     registrations: tuple[tuple[int, EpollTarget], ...] = ()
+
+    @property
+    def removed(self) -> int:
+        return len(self.registrations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ def _detach_process(
     except (FileNotFoundError, ProcessLookupError):
         return None
     except PermissionError:
-        return ProcessResult(pid, 0, "cannot read its /proc entries (permission denied)")
+        return ProcessResult(pid, "cannot read its /proc entries (permission denied)")
     if not registrations:
         return None
     try:
@@ -132,7 +135,7 @@ def _detach_process(
         # running when the tree was listed and still is.
         pidfd = open_listed(member, reapers)
     except OSError as exc:
-        return ProcessResult(pid, 0, f"pidfd_open: {_strerror(exc)}")
+        return ProcessResult(pid, f"pidfd_open: {_strerror(exc)}")
     if pidfd is None:
         return None  # exited, or its pid names another process now
     pidfd = _clear_of(pidfd, [t for _, targets in registrations for t in targets])
@@ -145,10 +148,10 @@ def _detach_process(
         pass  # it exited meanwhile: nothing left to take off
     except OSError as exc:
         error = f"taking it off the socket: {_strerror(exc)}"
-        return ProcessResult(pid, len(taken), error, tuple(taken))
+        return ProcessResult(pid, error, tuple(taken))
     finally:
         os.close(pidfd)
-    return ProcessResult(pid, len(taken), registrations=tuple(taken)) if taken else None
+    return ProcessResult(pid, registrations=tuple(taken)) if taken else None
 
 
 def _clear_of(fd: int, targets: Collection[EpollTarget]) -> int:

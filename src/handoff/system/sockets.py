@@ -72,6 +72,23 @@ class Listener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    @property
+    def port(self) -> int | None:
+        """The TCP port; None for a unix socket, or one a stop has closed already."""
+        if self.sock.family not in (socket.AF_INET, socket.AF_INET6) or self.sock.fileno() < 0:
+            return None
+        return int(self.sock.getsockname()[1])
+
+
+def socket_address(sock: socket.socket) -> str:
+    """How a bound socket is named in events and status: HOST:PORT, [V6]:PORT, unix:PATH."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name if isinstance(name, str) else name.decode(errors='replace')}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
 
 def default_backlog() -> int:
     """The kernel's maximum accept queue (net.core.somaxconn); a larger value is capped anyway."""
@@ -140,8 +157,7 @@ def _open_tcp(spec: BindSpec, backlog: int) -> Listener:
     except OSError as exc:
         sock.close()
         raise _bind_error(spec, exc) from None
-    host, port = sock.getsockname()[:2]
-    address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    address = socket_address(sock)
     return Listener(spec=spec, sock=sock, address=address, name=fd_name(address))
 
 
@@ -305,18 +321,12 @@ def _adopt_fd(spec: BindSpec, backlog: int) -> Listener:
         raise ConfigError(f"--bind {spec.text}: file descriptor {spec.fd} is not a stream socket")
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.listen(backlog)
-    name = sock.getsockname()
-    if _stored_file_gone(spec, sock.family, name):
+    if _stored_file_gone(spec, sock.family, sock.getsockname()):
         # systemd removed its directory (RuntimeDirectory= without
         # RuntimeDirectoryPreserve=): nobody can reach the stored socket any more.
         sock.close()
         return _open_unix(parse_bind(spec.text), backlog)
-    if sock.family == socket.AF_UNIX:
-        address = f"unix:{name if isinstance(name, str) else name.decode(errors='replace')}"
-    elif sock.family == socket.AF_INET6:
-        address = f"[{name[0]}]:{name[1]}"
-    else:
-        address = f"{name[0]}:{name[1]}"
+    address = socket_address(sock)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     _reapply_permissions(spec, sock)
