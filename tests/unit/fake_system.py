@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from handoff.core.model import ExitStatus, Pid
 from handoff.system.accepting_scan import TreeScan
 from handoff.system.children import Child, SpawnRequest
-from handoff.system.detach import Detachment
+from handoff.system.detach import Detachment, Registration
 
 FIRST_FAKE_PID = 1000
 
@@ -114,6 +114,10 @@ class FakeSystem:
     def detach(self, pid: Pid, listeners: Mapping[int, int]) -> Detachment:
         self._call("detach", pid)
         return Detachment(processes=1, registrations=len(listeners))
+
+    def reattach(self, registrations: Sequence[Registration], listeners: Mapping[int, int]) -> int:
+        self._call("reattach", *(r.pid for r in registrations))
+        return len(registrations)
 
     def scan(
         self, pid: Pid, inodes: Collection[int], addresses: object = None, *, tables: bool = True

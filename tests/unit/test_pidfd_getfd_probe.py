@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from structlog.testing import capture_logs
 
+from handoff.core.actions import Report
 from handoff.core.model import Pid
 from handoff.formats.log_events import EventName
-from handoff.formats.options import ReadyMode, ReadySpec, parse_bind
-from handoff.master.probes import Probes
+from handoff.formats.options import ReadyMode, ReadySpec, RunConfig, Timeouts, parse_bind
+from handoff.master.holdings import Holdings
 from handoff.master.sources import Sources
+from handoff.master.switching import Switching
 from handoff.system import capabilities
 from handoff.system.sockets import Listener, close_listeners, open_listeners
 from tests.unit.fake_system import FakeSystem
@@ -112,7 +117,22 @@ def sources() -> Iterator[Sources]:
     made.close()
 
 
-AUTO = ReadySpec(mode=ReadyMode.AUTO)
+CONFIG = RunConfig(
+    command=("true",),
+    binds=(parse_bind("127.0.0.1:0"),),
+    backlog=16,
+    workers=2,
+    ready=ReadySpec(mode=ReadyMode.AUTO),
+    timeouts=Timeouts(),
+    stop_signal=signal.SIGTERM,
+    pidfile=None,
+    name="test",
+)
+
+
+def _holding(listeners: list[Listener]) -> Holdings:
+    """What Switching reads of the master's holdings: the listeners, the workers' fd limit."""
+    return cast("Holdings", SimpleNamespace(listeners=listeners, worker_fd_limit=None))
 
 
 def test_a_refusal_at_start_is_one_warning_and_every_detach_is_signal_only(
@@ -122,15 +142,16 @@ def test_a_refusal_at_start_is_one_warning_and_every_detach_is_signal_only(
     loop = serving_loop()
     old = sorted(loop.pids(1))
     with capture_logs() as logs:
-        probes = Probes(
+        switching = Switching(
             system,
             sources,
-            AUTO,
-            listeners,
+            CONFIG,
+            _holding(listeners),
             {},
             detach_check=lambda: "Operation not permitted (EPERM)",
         )
-        reports = [probes.detach(Pid(pid), loop.machine) for pid in old]
+        outcomes = [switching.detach(Pid(pid), loop.machine) for pid in old]
+        reports = [item for outcome in outcomes for item in outcome if isinstance(item, Report)]
 
     warnings = [e for e in logs if e["event"] == "detach.unavailable"]
     assert len(warnings) == 1
@@ -157,9 +178,12 @@ def test_an_allowed_pidfd_getfd_detaches_as_usual(
     loop = serving_loop()
     (first, *_) = loop.pids(1)
     with capture_logs() as logs:
-        probes = Probes(system, sources, AUTO, listeners, {}, detach_check=lambda: None)
-        detached = probes.detach(Pid(first), loop.machine)
+        switching = Switching(
+            system, sources, CONFIG, _holding(listeners), {}, detach_check=lambda: None
+        )
+        (detached,) = switching.detach(Pid(first), loop.machine)
 
+    assert isinstance(detached, Report)
     assert detached.event is EventName.WORKER_DETACHED
     assert not [e for e in logs if e["event"] == "detach.unavailable"]
     assert system.names() == ["detach"]

@@ -36,6 +36,21 @@ class DetachListeners:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReattachListeners:
+    """Put back the registrations detaching removed from a parked worker (it accepts again);
+    the loop answers with ReattachFailed if one cannot be put back."""
+
+    pid: Pid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunVerify:
+    """One --verify check of the serving generation; the loop answers with VerifyFinished."""
+
+    gen: GenId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StopTakingConnections:
     """The master stops: its own listeners start no new connection; what is queued stays
     for the workers still on them (their detach waits for their stop signal)."""
@@ -103,6 +118,8 @@ Action = (
     SpawnWorker
     | SendSignal
     | DetachListeners
+    | ReattachListeners
+    | RunVerify
     | StopTakingConnections
     | CloseListeners
     | KillTree

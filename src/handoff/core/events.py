@@ -99,6 +99,39 @@ class ProbeFinished:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RollbackRequested:
+    """Put the previous generation back (handoff rollback)."""
+
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetachFailed:
+    """Detaching a worker left a registration of a listening socket in place (or found
+    none: a server in blocking accept): it still accepts, so it cannot be parked."""
+
+    pid: Pid
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReattachFailed:
+    """A parked worker's registrations could not all be put back: it does not accept."""
+
+    pid: Pid
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyFinished:
+    """One --verify check of a generation finished."""
+
+    gen: GenId
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TimerFired:
     key: TimerKey
 
@@ -115,5 +148,9 @@ Event = (
     | ChildExited
     | WorkerNotified
     | ProbeFinished
+    | RollbackRequested
+    | DetachFailed
+    | ReattachFailed
+    | VerifyFinished
     | TimerFired
 )

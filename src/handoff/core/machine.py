@@ -8,15 +8,18 @@ loop as it does them (``worker.detached``, ``worker.signalled``).
 
 The work is shared by three state machines, each the only code that changes its records:
 
-- ``Supervisor`` (here): the master, and the requests from outside (reload, stop, scale);
-- ``generations.Generations``: generations, and what worker events mean for them;
-- ``worker_lifecycle.WorkerLifecycle``: each worker (ready, stopping phases, exit);
+- ``Supervisor`` (here): the master, and the requests from outside (reload, stop, scale,
+  rollback: ``rollback.py``, functions of this class written apart);
+- ``generations.Generations``: generations (``worker_events.WorkerEvents``: what worker
+  events mean for them);
+- ``worker_lifecycle.WorkerLifecycle``: each worker (ready, parked, stopping, exit);
 
 with two helpers that return actions and change nothing: ``readiness.Readiness`` (the
 timers and probes of each ``--ready`` mode) and ``respawn.Respawns`` (crash backoff).
 
 Master:     STARTING -> RUNNING <-> RELOADING;  any -> STOPPING -> exit;  with
-            --shutdown-delay: RUNNING | RELOADING -> LEAVING -> STOPPING.
+            --shutdown-delay: RUNNING | RELOADING -> LEAVING -> STOPPING; a rollback's
+            restart: RUNNING | RELOADING -> RELOADING.
 Invariants: at most one STARTING and one ACTIVE generation; the stop signal reaches a
 worker at most once; a worker is forgotten exactly once, when its exit is reported.
 """
@@ -28,8 +31,9 @@ from typing import assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
-from handoff.core import restore
-from handoff.core.generations import Change, Complete, Failing, Generations, GivingUp
+from handoff.core import machine_resume, rollback, scaling
+from handoff.core.changes import Change, Complete, Crashed, Failing, GivingUp
+from handoff.core.generations import Generations
 from handoff.core.model import (
     Generation,
     GenerationState,
@@ -40,15 +44,14 @@ from handoff.core.model import (
     Worker,
 )
 from handoff.core.policy import Policy, ReloadOutcome
-from handoff.core.snapshot import MachineSnapshot, ReloadRecord
-from handoff.core.timers import TimerKey, TimerKind, remaining
+from handoff.core.snapshot import MachineSnapshot
+from handoff.core.timers import SHUTDOWN_DELAY_KEY, TimerKey, TimerKind
+from handoff.core.worker_events import WorkerEvents
 from handoff.errors import EXIT_GAVE_UP, EXIT_NEVER_READY, EXIT_OK
 from handoff.formats.log_events import EventName, Level
-from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 
 __all__ = ["InvalidTransition", "Supervisor"]
 
-_DELAY = TimerKey(TimerKind.SHUTDOWN_DELAY, 0)
 _REFUSED = {
     MasterState.STOPPING: "stopping",
     MasterState.LEAVING: "leaving: the master stops after --shutdown-delay",
@@ -64,12 +67,15 @@ class Supervisor:
         self.last_reload: ReloadOutcome | None = None
         self.workers_target = policy.workers  # per generation; scale changes it
         self._gens = Generations(policy)
+        self._events = WorkerEvents(policy, self._gens)
         self._reload_pending = False
         self._reload_started_at = 0.0
         self._fast_stop = False
         self._exit: act.Exit | None = None
         self._exited = False
         self._listeners_closed = False  # CloseListeners said, once, while stopping
+        self.window: rollback.Window | None = None  # a generation parked, the new one watched
+        self.restarting: rollback.Restarting | None = None  # a rollback's restart under way
 
     # -- views (read by the loop, the control server, status and the systemd glue) ------
 
@@ -109,32 +115,38 @@ class Supervisor:
                 gens.start(self.workers_target, now, out)
             case ev.Resumed():
                 self._require_master(MasterState.STARTING)
-                _resume(self, event, now, out)
+                machine_resume.resume(self, event, now, out)
             case ev.ReloadRequested(source=source):
                 self._on_reload_requested(source, now, out)
             case ev.StopRequested(fast=fast, source=source):
                 self._on_stop_requested(fast, source, now, out)
             case ev.ScaleRequested(source=source, workers=workers, delta=delta):
-                self._on_scale(source, workers, delta, out)
+                scaling.scale(self, source, workers, delta, out)
             case ev.ForwardRequested(signal=sig):
                 out.extend(act.SendSignal(pid=w.pid, signal=sig) for w in gens.workers.live())
                 out.append(act.report(EventName.SIGNAL_FORWARDED, signal=sig.name))
             case ev.WorkerSpawned(gen=gen_id, slot=slot, pid=pid):
-                gens.spawned(gen_id, slot, pid, now, out)
+                self._events.spawned(gen_id, slot, pid, now, out)
             case ev.SpawnFailed(gen=gen_id, slot=slot, reason=reason):
-                self._act_on(gens.spawn_failed(gen_id, slot, reason, now, out), now, out)
+                self._act_on(self._events.spawn_failed(gen_id, slot, reason, now, out), now, out)
             case ev.ChildExited(pid=pid, status=status):
-                self._act_on(gens.exited(pid, status, now, out), now, out)
+                self._act_on(self._events.exited(pid, status, now, out), now, out)
             case ev.WorkerNotified():
-                self._act_on(gens.notified(event, now, out), now, out)
+                self._act_on(self._events.notified(event, now, out), now, out)
             case ev.ProbeFinished():
-                self._act_on(gens.probe_finished(event, now, out), now, out)
+                self._act_on(self._events.probe_finished(event, now, out), now, out)
             case ev.TimerFired(key=key) if key.kind is TimerKind.SHUTDOWN_DELAY:
                 self._end_leaving(fast=False, now=now, out=out)
+            case ev.RollbackRequested() | ev.DetachFailed() | ev.ReattachFailed():
+                rollback.on_event(self, event, now, out)
+            case ev.VerifyFinished():
+                rollback.on_event(self, event, now, out)
+            case ev.TimerFired(key=key) if key.kind in rollback.TIMERS:
+                rollback.on_timer(self, key, out)
             case ev.TimerFired(key=key) if key.kind is TimerKind.RESPAWN:
-                gens.respawn_due(key, stopping=self.state is MasterState.STOPPING, out=out)
+                self._events.respawn_due(key, stopping=self.state is MasterState.STOPPING, out=out)
             case ev.TimerFired(key=key):
-                self._act_on(gens.on_worker_timer(key, now, out), now, out)
+                self._act_on(self._events.on_worker_timer(key, now, out), now, out)
             case _:
                 assert_never(event)
         self._check_exit(out)
@@ -149,15 +161,18 @@ class Supervisor:
                 self._activate(gen, now, out)
             case Failing(gen=gen, reason=reason):
                 self._fail(gen, reason, now, out)
-            case GivingUp(gen=gen, reason=reason) if self.state is MasterState.RUNNING:
-                # Nothing serves: exit, so that an orchestrator restarts or replaces us. A
-                # reload in progress may bring the fix, a stop is under way: not then.
-                out.append(
-                    act.report(EventName.MASTER_GAVE_UP, Level.ERROR, gen=gen.id, reason=reason)
-                )
-                self._begin_stop(fast=False, now=now, out=out, code=EXIT_GAVE_UP, reason=reason)
-            case GivingUp():
-                pass
+            case Crashed(gen=gen, reason=reason) | GivingUp(gen=gen, reason=reason):
+                # In a --keep-previous window a crash counts towards a rollback, which
+                # comes before any give-up. Nothing serves otherwise: exit, so that an
+                # orchestrator restarts or replaces us; not while a reload in progress may
+                # bring the fix, or a stop is under way.
+                rolled_back = rollback.crashed(self, gen, reason, now, out)
+                giving_up = isinstance(change, GivingUp) and self.state is MasterState.RUNNING
+                if giving_up and not rolled_back:
+                    out.append(
+                        act.report(EventName.MASTER_GAVE_UP, Level.ERROR, gen=gen.id, reason=reason)
+                    )
+                    self._begin_stop(fast=False, now=now, out=out, code=EXIT_GAVE_UP, reason=reason)
             case _:
                 assert_never(change)
 
@@ -165,12 +180,14 @@ class Supervisor:
 
     def snapshot(self, deadlines: Mapping[TimerKey, float]) -> MachineSnapshot:
         """The whole state as plain data, with the loop's pending deadlines."""
-        return _snapshot(self, deadlines)
+        return machine_resume.snapshot(self, deadlines)
 
     # -- generations, as far as the master is concerned --------------------------------
 
     def _activate(self, gen: Generation, now: float, out: list[act.Action]) -> None:
-        self._gens.activate(gen, self.workers_target, self._stop_signal_name(), now, out)
+        signal_name, keep = self._stop_signal_name(), self.policy.keep_previous_s
+        self._gens.activate(gen, self.workers_target, signal_name, now, out, park_s=keep)
+        rollback.open_window(self, gen, out)
         if self.state is MasterState.STARTING:
             self.state = MasterState.RUNNING
             out.append(act.report(EventName.MASTER_READY, gen=gen.id))
@@ -186,25 +203,6 @@ class Supervisor:
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=False, reason=reason, now=now, out=out)
         self._gens.check_gone(gen, out)
-
-    def _on_scale(
-        self, source: str, workers: int | None, delta: int, out: list[act.Action]
-    ) -> None:
-        if self.state in (MasterState.STOPPING, MasterState.LEAVING):
-            why = self.state.value
-            out.append(
-                act.report(EventName.SCALE_REFUSED, Level.WARNING, source=source, reason=why)
-            )
-            return
-        was = self.workers_target
-        wanted = workers if workers is not None else was + delta
-        self.workers_target = max(MIN_WORKERS, min(MAX_WORKERS, wanted))
-        out.append(
-            act.report(EventName.MASTER_SCALED, workers=self.workers_target, was=was, source=source)
-        )
-        active = self.generation_in(GenerationState.ACTIVE)
-        if active is not None:
-            self._gens.resize(active, self.workers_target, out)
 
     # -- reloads and stops -------------------------------------------------------------
 
@@ -250,6 +248,7 @@ class Supervisor:
                     duration_s=duration,
                 )
             )
+        rollback.finished(self, gen, ok=ok, reason=reason, now=now, out=out)
         self._run_pending_reload(now, out)
 
     def _run_pending_reload(self, now: float, out: list[act.Action]) -> None:
@@ -262,7 +261,7 @@ class Supervisor:
     ) -> None:
         if self.state is MasterState.LEAVING:
             # A second request skips the rest of --shutdown-delay.
-            out.append(act.CancelTimer(key=_DELAY))
+            out.append(act.CancelTimer(key=SHUTDOWN_DELAY_KEY))
             self._end_leaving(fast=fast, now=now, out=out)
             return
         if self.state is MasterState.STOPPING:
@@ -283,12 +282,13 @@ class Supervisor:
         # RUNNING | RELOADING -> LEAVING: not ready any more, the serving generation serves
         # on for the delay; a reload in progress is cancelled (its generation drained).
         self._cancel_reload(now, out)
+        rollback.close_window(self, out)
         for gen in list(self.generations.values()):
-            if gen.state is GenerationState.STARTING:
+            if gen.state in (GenerationState.STARTING, GenerationState.PARKED):
                 self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
         self.state = MasterState.LEAVING
         self._exit = act.Exit(code=EXIT_OK, reason=reason)
-        out.append(act.StartTimer(key=_DELAY, delay_s=delay))
+        out.append(act.StartTimer(key=SHUTDOWN_DELAY_KEY, delay_s=delay))
         out.append(act.report(EventName.MASTER_LEAVING, delay_s=delay, reason=reason))
 
     def _end_leaving(self, *, fast: bool, now: float, out: list[act.Action]) -> None:
@@ -307,18 +307,24 @@ class Supervisor:
         out.append(act.report(EventName.MASTER_STOPPING, fast=fast, reason=reason))
         # No new connection from here on; the workers take what is queued, then leave.
         out.append(act.StopTakingConnections())
+        rollback.close_window(self, out)
         for gen in list(self.generations.values()):
-            if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
+            if gen.state in (
+                GenerationState.ACTIVE,
+                GenerationState.STARTING,
+                GenerationState.PARKED,
+            ):
                 signal_name = self._stop_signal_name()
                 self._gens.drain(gen, "stopping", signal_name, out, accept_until_signal=not fast)
         if fast:
             self._kill_all(out)
 
-    def _cancel_reload(self, now: float, out: list[act.Action]) -> None:
+    def _cancel_reload(
+        self, now: float, out: list[act.Action], reason: str = "cancelled: master stopping"
+    ) -> None:
         self._reload_pending = False  # before _finish_reload, which would start it
         starting = self.generation_in(GenerationState.STARTING)
         if self.state is MasterState.RELOADING and starting is not None:
-            reason = "cancelled: master stopping"
             self._finish_reload(starting, ok=False, reason=reason, now=now, out=out)
 
     def _kill_all(self, out: list[act.Action]) -> None:
@@ -347,73 +353,3 @@ class Supervisor:
 
     def _stop_signal_name(self) -> str:
         return "SIGKILL" if self._fast_stop else self.policy.stop_signal.name
-
-
-# -- across a re-exec in place (out of the class, which stays small; they are its own) --
-
-
-def _snapshot(self: Supervisor, deadlines: Mapping[TimerKey, float]) -> MachineSnapshot:
-    """The whole state as plain data, with the loop's pending deadlines."""
-    last = self.last_reload
-    return MachineSnapshot(
-        state=self.state,
-        workers_target=self.workers_target,
-        next_gen=self._gens.next_id,
-        generations=restore.records(self._gens),
-        deadlines=dict(deadlines),
-        reload_pending=self._reload_pending,
-        reload_started_at=self._reload_started_at,
-        fast_stop=self._fast_stop,
-        exit_code=None if self._exit is None else self._exit.code,
-        exit_reason="" if self._exit is None else self._exit.reason,
-        last_reload=None
-        if last is None
-        else ReloadRecord(gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s),
-    )
-
-
-def _resume(self: Supervisor, event: ev.Resumed, now: float, out: list[act.Action]) -> None:
-    """Take over after a re-exec: the snapshot's state, the workers the kernel shows.
-
-    A reload in progress goes on (its starting workers prove themselves ready again);
-    a stop in progress goes on draining.
-    """
-    snap = event.snapshot
-    self.workers_target = max(MIN_WORKERS, min(MAX_WORKERS, snap.workers_target))
-    last = snap.last_reload
-    if last is not None:
-        self.last_reload = ReloadOutcome(
-            gen=last.gen, ok=last.ok, reason=last.reason, duration_s=last.duration_s
-        )
-    self._reload_pending = snap.reload_pending
-    self._reload_started_at = snap.reload_started_at
-    self._fast_stop = snap.fast_stop
-    restored = restore.restore(self._gens, snap, event.found, now, out)
-    starting = self.generation_in(GenerationState.STARTING)
-    active = self.generation_in(GenerationState.ACTIVE)
-    self.state = restore.master_state(snap.state, active=active, starting=starting)
-    if self.state in (MasterState.STOPPING, MasterState.LEAVING):
-        code = EXIT_OK if snap.exit_code is None else snap.exit_code
-        self._exit = act.Exit(code=code, reason=snap.exit_reason or "stop requested")
-    out.append(
-        act.report(
-            EventName.MASTER_RESUMED,
-            reason=event.reason,
-            state=self.state.value,
-            generations=len(self.generations),
-            workers=restored.found,
-            lost=restored.lost,
-            unlisted=restored.unlisted,
-        )
-    )
-    if self.state is MasterState.STOPPING:
-        for gen in list(self.generations.values()):
-            if gen.state in (GenerationState.ACTIVE, GenerationState.STARTING):
-                self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
-    elif self.state is MasterState.LEAVING:
-        left = remaining(snap.deadlines, _DELAY, now) or 0.0
-        out.append(act.StartTimer(key=_DELAY, delay_s=left))
-    elif starting is not None:
-        self._act_on(self._gens.complete(starting), now, out)
-    elif self.state is MasterState.STARTING:
-        self._gens.start(self.workers_target, now, out)  # nothing was started yet

@@ -32,6 +32,7 @@ class MasterState(StrEnum):
 class GenerationState(StrEnum):
     STARTING = "starting"
     ACTIVE = "active"
+    PARKED = "parked"  # --keep-previous: replaced, off the socket, kept for a rollback
     FAILED = "failed"
     DRAINING = "draining"
     GONE = "gone"
@@ -41,11 +42,13 @@ class WorkerState(StrEnum):
     """A worker's life; the three stopping phases come in this order (KILLED may cut in).
 
     STARTING -> READY;  STARTING | READY -> SETTLING -> SIGNALLED;
+    READY -> PARKED -> READY (a rollback) | SIGNALLED (the window ends);
     any live state -> KILLED;  any live state -> EXITED (reaped).
     """
 
     STARTING = "starting"  # spawned, proving it is ready
     READY = "ready"
+    PARKED = "parked"  # taken off the listening socket, kept (--keep-previous): no signal
     SETTLING = "settling"  # taken off the listening socket; stop signal after --settle
     SIGNALLED = "signalled"  # stop signal sent once; draining until --drain-timeout
     KILLED = "killed"  # its process tree was SIGKILLed
@@ -122,6 +125,9 @@ class Generation:
     workers: dict[Pid, Worker] = field(default_factory=dict)  # every worker not yet reaped
     spawning: set[int] = field(default_factory=set)  # slots asked to spawn, no answer yet
     failed_by: Worker | None = None  # the worker whose exit or ready timeout failed it
+    parked_until: float | None = None  # PARKED: when the --keep-previous window ends
+    # A rollback's restart: the generation whose release (directory, env files) it runs.
+    release_of: GenId | None = None
 
     def live_workers(self) -> list[Worker]:
         return list(self.workers.values())

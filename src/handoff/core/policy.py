@@ -30,6 +30,13 @@ class Policy:
     # --give-up-after: stop (exit 4) once every worker of the serving generation has
     # crashed this many times in a row and none serves. 0: respawn for ever.
     give_up_after: int = 0
+    # --keep-previous: a replaced generation is parked (off the socket, not signalled)
+    # this long, for a rollback. 0: drained at once.
+    keep_previous_s: float = 0.0
+    # --verify: seconds between checks of the new generation during the window (0: none);
+    # --rollback-after: failed checks in a row, or crashes, that roll back by themselves.
+    verify_interval_s: float = 0.0
+    rollback_after: int = 3
     # A worker that was ready this long before dying starts a fresh backoff; one that
     # dies sooner (even after becoming ready) counts as one more crash in a row.
     stable_after_s: float = 10.0
@@ -62,6 +69,9 @@ class Policy:
             settle_s=config.timeouts.settle_s,
             shutdown_delay_s=config.timeouts.shutdown_delay_s,
             give_up_after=config.give_up_after,
+            keep_previous_s=config.rollback.keep_previous_s,
+            verify_interval_s=config.rollback.verify_interval_s if config.rollback.verify else 0,
+            rollback_after=config.rollback.rollback_after,
         )
 
 

@@ -44,6 +44,7 @@ def records(gens: Generations) -> tuple[GenerationRecord, ...]:
             state=gen.state,
             size=gen.size,
             started_at=gen.started_at,
+            release_of=gen.release_of,
             workers=tuple(
                 WorkerRecord(
                     pid=w.pid,
@@ -82,7 +83,11 @@ def restore(
         if record.state is GenerationState.GONE:
             continue
         gen = Generation(
-            id=record.id, state=record.state, size=record.size, started_at=record.started_at
+            id=record.id,
+            state=record.state,
+            size=record.size,
+            started_at=record.started_at,
+            release_of=record.release_of,
         )
         gens.by_id[gen.id] = gen
         for w in record.workers:

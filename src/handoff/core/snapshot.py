@@ -57,6 +57,7 @@ class GenerationRecord:
     size: int
     started_at: float
     workers: tuple[WorkerRecord, ...] = ()
+    release_of: GenId | None = None  # a rollback's restart: whose release it runs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +81,7 @@ class MachineSnapshot:
     exit_code: int | None = None
     exit_reason: str = ""
     last_reload: ReloadRecord | None = None
+    previous_release: GenId | None = None  # what a rollback's restart would run
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -109,6 +111,7 @@ class MachineSnapshot:
             exit_code=None if d.get("exit_code") is None else _int(d["exit_code"], "exit_code"),
             exit_reason=_str(d.get("exit_reason"), "exit_reason"),
             last_reload=None if last is None else _reload(last),
+            previous_release=_optional_gen(d.get("previous_release"), "previous_release"),
         )
 
 
@@ -155,7 +158,12 @@ def _generation(data: object) -> GenerationRecord:
         size=_int(d.get("size"), "generation size"),
         started_at=_float(d.get("started_at"), "started_at"),
         workers=tuple(_worker(w) for w in _list(d.get("workers"), "workers")),
+        release_of=_optional_gen(d.get("release_of"), "release_of"),
     )
+
+
+def _optional_gen(value: object, what: str) -> GenId | None:
+    return None if value is None else GenId(_int(value, what))
 
 
 def _worker(data: object) -> WorkerRecord:

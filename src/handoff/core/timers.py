@@ -21,12 +21,17 @@ class TimerKind(StrEnum):
     DRAIN = "drain"  # per worker: --drain-timeout after the stop signal
     RESPAWN = "respawn"  # per (generation, slot): backoff before respawning a crashed worker
     SHUTDOWN_DELAY = "shutdown-delay"  # the master: --shutdown-delay before the drain
+    KEEP_PREVIOUS = "keep-previous"  # per generation: the end of its parked window
+    VERIFY = "verify"  # per generation: its next --verify check during the window
 
 
 class TimerKey(NamedTuple):
     kind: TimerKind
     ident: int
     slot: int = 0
+
+
+SHUTDOWN_DELAY_KEY = TimerKey(TimerKind.SHUTDOWN_DELAY, 0)  # the master's one
 
 
 def remaining(deadlines: Mapping[TimerKey, float], key: TimerKey, now: float) -> float | None:

@@ -9,6 +9,9 @@ changes generations, the ``Supervisor`` the master). The states and edges
 
     STARTING -> READY                    proved ready (readiness.py)
     STARTING | READY -> SETTLING         taken off the listening socket (DetachListeners)
+    READY -> PARKED                      taken off the socket, kept (--keep-previous)
+    PARKED -> READY                      put back on the socket (ReattachListeners): rollback
+    PARKED -> SIGNALLED                  the window ended: the stop signal at once
     SETTLING -> SIGNALLED                after --settle: the stop signal, once; drain timer
                                          (when the master stops, the worker stays on the
                                          sockets through the settle, detached only here)
@@ -95,7 +98,7 @@ class WorkerLifecycle:
             case WorkerState.KILLED | WorkerState.EXITED:
                 worker.state = WorkerState.KILLED
                 out.append(act.KillTree(pid=worker.pid))
-            case WorkerState.STARTING | WorkerState.READY:
+            case WorkerState.STARTING | WorkerState.READY | WorkerState.PARKED:
                 pass
 
     def ready(
@@ -117,6 +120,21 @@ class WorkerLifecycle:
         out.append(act.report(EventName.WORKER_READY, **fields))
         return True
 
+    def park(self, worker: Worker, out: list[act.Action]) -> bool:
+        """READY -> PARKED: off the socket, no signal; False (nothing done) if not ready."""
+        if worker.state is not WorkerState.READY:
+            return False
+        worker.state = WorkerState.PARKED
+        out.append(act.DetachListeners(pid=worker.pid))
+        return True
+
+    def unpark(self, worker: Worker, out: list[act.Action]) -> None:
+        """PARKED -> READY: its registrations put back, it accepts again (a rollback)."""
+        if worker.state is not WorkerState.PARKED:
+            raise InvalidTransition(f"worker {worker.pid} is {worker.state}, not parked")
+        worker.state = WorkerState.READY
+        out.append(act.ReattachListeners(pid=worker.pid))
+
     def note_status(self, worker: Worker, status: str) -> None:
         """The worker sent STATUS= (shown by ``handoff status``); no state changes."""
         worker.status = status
@@ -134,7 +152,12 @@ class WorkerLifecycle:
 
         accept_until_signal (the master stops, its listeners take no new connection): the
         worker stays on the sockets through the settle to take what is queued, and is
-        detached just before its stop signal."""
+        detached just before its stop signal. A parked worker, off the socket already, is
+        signalled at once."""
+        if worker.state is WorkerState.PARKED:
+            worker.state = WorkerState.SETTLING
+            self.signal_stop(worker, out)
+            return
         if worker.state not in (WorkerState.STARTING, WorkerState.READY):
             return
         worker.state = WorkerState.SETTLING

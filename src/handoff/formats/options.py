@@ -272,6 +272,54 @@ def with_http_options(
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifySpec:
+    """--verify: how the new generation is checked during the --keep-previous window."""
+
+    mode: ReadyMode  # HTTP (GET PATH through the listening socket) or EXEC (COMMAND exits 0)
+    path: str = ""
+    command: str = ""
+
+    def describe(self) -> str:
+        return f"http:{self.path}" if self.mode is ReadyMode.HTTP else f"exec:{self.command}"
+
+
+VERIFY_FORMS: Final = "http:PATH, exec:COMMAND"
+
+
+def parse_verify(text: str) -> VerifySpec:
+    """Parse ``--verify``."""
+    mode, _, argument = text.partition(":")
+    if mode == "http":
+        return VerifySpec(mode=ReadyMode.HTTP, path=parse_path(argument))
+    if mode == "exec" and argument.strip():
+        return VerifySpec(mode=ReadyMode.EXEC, command=argument)
+    raise ConfigError(
+        f"'{text}': --verify takes {VERIFY_FORMS}",
+        hint="e.g. --verify http:/healthz, or --verify exec:'curl -fsS localhost:8000/ok'",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RollbackOptions:
+    """--keep-previous, --verify, --verify-interval, --rollback-after (docs/rollback.md)."""
+
+    keep_previous_s: float = 0.0
+    verify: VerifySpec | None = None
+    verify_interval_s: float = 1.0
+    rollback_after: int = 3
+
+    def __post_init__(self) -> None:
+        if self.verify is not None and self.keep_previous_s <= 0:
+            raise ConfigError(
+                "--verify needs --keep-previous: the checks run while the previous "
+                "generation is kept to roll back to",
+                hint="e.g. --keep-previous 60 --verify http:/healthz",
+            )
+        if self.verify is not None and self.verify_interval_s <= 0:
+            raise ConfigError("--verify-interval must be above 0 seconds", hint="e.g. 1")
+
+
 class LogFormat(StrEnum):
     AUTO = "auto"
     CONSOLE = "console"
@@ -316,6 +364,7 @@ class RunConfig:
     worker_output: WorkerOutput = WorkerOutput.ATTRIBUTED
     health: BindSpec | None = None  # --health: the health endpoint
     give_up_after: int = 0  # --give-up-after: crashes in a row of every worker; 0: never
+    rollback: RollbackOptions = RollbackOptions()  # --keep-previous, --verify, ...
 
 
 def parse_group(text: str) -> int:

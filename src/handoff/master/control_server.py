@@ -29,9 +29,11 @@ from handoff.formats.control_protocol import (
     parse_request,
 )
 from handoff.formats.log_events import EventName, Level
+from handoff.formats.options import RunConfig
 from handoff.master.client_deadlines import ClientDeadlines
 from handoff.master.control_clients import Client, Placement, Waiting
 from handoff.master.health_server import HealthView, not_ready
+from handoff.master.holdings import Holdings
 from handoff.master.logs import emit
 from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
 from handoff.master.resume_state import ClientRecord
@@ -79,6 +81,31 @@ class ControlledMaster(Protocol):
     def upgrade(self, source: str) -> str | None:
         """Start an upgrade; the reason it was refused, or None."""
         ...
+
+
+def open_control(
+    config: RunConfig,
+    holdings: Holdings,
+    master: ControlledMaster,
+    sources: Sources,
+    clock: Callable[[], float],
+) -> ControlServer | None:
+    """The control socket (--control), listening: the one a re-executed master kept, else
+    bound now; None without a path."""
+    if config.control_path is None:
+        return None
+    control = ControlServer(
+        config.control_path,
+        group=config.control_group,
+        master=master,
+        sources=sources,
+        clock=clock,
+        listening=holdings.control_socket,
+    )
+    control.listen()
+    if holdings.control_socket is None:
+        emit(EventName.CONTROL_LISTENING, path=config.control_path)
+    return control
 
 
 class ControlServer:
@@ -186,6 +213,10 @@ class ControlServer:
             case _:
                 pass
         self._progress(report)
+
+    def handover(self) -> tuple[int, tuple[ClientRecord, ...]]:
+        """The listening socket and the waiting clients, to hand over across a re-exec."""
+        return self.fileno(), tuple(self.waiting_clients())
 
     def waiting_clients(self) -> list[ClientRecord]:
         """The clients waiting for a result, to hand over across a re-exec."""

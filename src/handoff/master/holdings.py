@@ -14,7 +14,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from handoff.core.model import GenId
+from handoff.core.model import GenId, Pid
 from handoff.core.snapshot import MachineSnapshot
 from handoff.formats.options import RunConfig
 from handoff.master.failpoints import Failpoints
@@ -89,6 +89,10 @@ class Holdings:
             last_failure=carried.last_failure if carried else None,
         )
         return self.output
+
+    def helper_pids(self) -> list[Pid]:
+        """The master's helper children besides the warden (the output relay): not strays."""
+        return [] if self.relay is None else [Pid(self.relay.pid)]
 
     def counters(self, log_lines_dropped: int) -> dict[str, int]:
         """What status counts: this master's own, the relay's, and what was carried."""

@@ -25,7 +25,7 @@ from handoff.core.snapshot import MachineSnapshot
 from handoff.core.timers import Timers
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
-from handoff.master.control_server import ControlServer, MasterView
+from handoff.master.control_server import ControlServer, MasterView, open_control
 from handoff.master.health_server import open_health
 from handoff.master.holdings import Carried, Holdings
 from handoff.master.listener_closing import at_stop
@@ -42,6 +42,7 @@ from handoff.master.sources import (
     notified,
 )
 from handoff.master.status import build_status, process_title
+from handoff.master.switching import Outcome, Switching
 from handoff.master.system import System
 from handoff.master.systemd import SystemdGlue
 from handoff.master.upgrade import Upgrades
@@ -88,10 +89,9 @@ class MasterLoop:
         self._inbox = inbox
         self._notify = holdings.notify
         self._warden = holdings.warden
-        relay = holdings.relay
-        self._helpers = {self._warden.pid, *([relay.pid] if relay else [])}  # not strays
+        self._helpers = {self._warden.pid, *holdings.helper_pids()}  # not strays
         self._log = log
-        worker_fd_limit = holdings.worker_fd_limit
+        fd_limit = holdings.worker_fd_limit
         self._machine = Supervisor(Policy.from_config(config))
         self._sources = Sources()
         self._timers = Timers()
@@ -106,9 +106,10 @@ class MasterLoop:
             generations=lambda: self._machine.generations,
         )
         self._probes = Probes(
-            system, self._sources, config.ready, listeners, environ, fd_limit=worker_fd_limit
+            system, self._sources, config.ready, listeners, environ, fd_limit=fd_limit
         )
         self._probes.run_as(config.identity)  # --user, --group
+        self._switching = Switching(system, self._sources, config, holdings, environ)
         self._failpoints = holdings.failpoints
         self._carried = holdings.carried or Carried(started_at=system.clock())
         self._started_at = self._carried.started_at
@@ -191,18 +192,9 @@ class MasterLoop:
             self._answer_upgrade(ok=True, version=this_version(), was=was)
 
     def _watch_sources(self) -> None:
-        if self._config.control_path is not None:
-            self._control = ControlServer(
-                self._config.control_path,
-                group=self._config.control_group,
-                master=self,
-                sources=self._sources,
-                clock=self._system.clock,
-                listening=self._holdings.control_socket,
-            )
-            self._control.listen()
-            if self._holdings.control_socket is None:
-                emit(EventName.CONTROL_LISTENING, path=self._config.control_path)
+        self._control = open_control(
+            self._config, self._holdings, self, self._sources, self._system.clock
+        )
         self._sources.watch(self._inbox.fileno(), Watch(Source.SIGNALS))
         self._sources.watch(self._notify.fileno(), Watch(Source.NOTIFY))
         self._sources.watch(self._warden.pidfd, Watch(Source.WARDEN))
@@ -219,9 +211,7 @@ class MasterLoop:
         return self._holdings.capture(
             reason,
             machine=machine,
-            control=None
-            if control is None
-            else (control.fileno(), tuple(control.waiting_clients())),
+            control=None if control is None else control.handover(),
             started_at=self._started_at,
             counters=self.counters(),
             crashes=crashes,
@@ -264,6 +254,8 @@ class MasterLoop:
                     self._feed(event)
             case Source.PROBE:
                 self._feed_optional(self._probes.on_exit(watch.pid))
+            case Source.VERIFY:
+                self._feed_optional(self._switching.on_exit(watch.pid))
             case Source.WARDEN:
                 self._sources.unwatch(self._warden.pidfd)
                 hint = "workers will outlive the master if it is SIGKILLed"
@@ -289,6 +281,7 @@ class MasterLoop:
             self.upgrade(source=sig.name)
         elif sig is signal.SIGCHLD:
             tracked = {*self._workers.pids(), *self._probes.pids(), *self._upgrades.pids()}
+            tracked.update(self._switching.pids())
             for pid in self._system.reap_strays(tracked | self._helpers):
                 emit(EventName.STRAY_REAPED, Level.DEBUG, pid=pid)
 
@@ -310,6 +303,7 @@ class MasterLoop:
             signal_and_wait(self._workers.children(), self._config.stop_signal, drain)
         self._workers.kill_all()
         self._probes.kill_all()
+        self._switching.kill_all()
         for pid in self._system.kill_strays(self._helpers):
             emit(EventName.STRAY_KILLED, Level.WARNING, pid=pid)
         if self._control is not None:
@@ -330,6 +324,10 @@ class MasterLoop:
         if event is not None:
             self._feed(event)
 
+    def _apply(self, outcome: Outcome) -> None:
+        for item in outcome:  # in order: what a part of the loop reports, what happened
+            self._execute(item) if isinstance(item, act.Report) else self._feed(item)
+
     def _execute(self, action: act.Action) -> None:
         match action := self._output.annotate(action):  # a failed start: its last output
             case act.SpawnWorker(gen=gen, slot=slot):
@@ -339,7 +337,11 @@ class MasterLoop:
                 if child is not None and self._system.send_signal(child, sig):
                     emit(EventName.WORKER_SIGNALLED, Level.DEBUG, pid=pid, signal=sig.name)
             case act.DetachListeners(pid=pid):
-                self._execute(self._probes.detach(pid, self._machine))
+                self._apply(self._switching.detach(pid, self._machine))
+            case act.ReattachListeners(pid=pid):
+                self._apply(self._switching.reattach(pid, self._machine))
+            case act.RunVerify(gen=gen):
+                self._feed_optional(self._switching.verify(gen))
             case act.StopTakingConnections() | act.CloseListeners():
                 self._holdings.dropped_connections += at_stop(action, self._listeners)
             case act.KillTree(pid=pid):

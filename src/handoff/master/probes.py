@@ -3,20 +3,17 @@
 ``exec:COMMAND`` probes are short child processes whose exit status is the answer;
 ``auto`` scans read /proc at once (system/accepting_scan.py); ``http:PATH`` scans until
 the worker is seen accepting or serving, then runs HTTP tries, short processes that report
-on a pipe (master/http_probes.py). Detaching takes an old
-worker off the listening sockets before its stop signal (system/detach.py) and logs which
-path it took. Each call returns the event for the machine, if there is one.
+on a pipe (master/http_probes.py). Each call returns the event for the machine, if there
+is one. (Taking a worker off the sockets, or putting it back: master/switching.py.)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from handoff.core import actions as act
 from handoff.core import events as ev
-from handoff.core.machine import Supervisor
 from handoff.core.model import GenId, Pid
 from handoff.errors import SpawnError
 from handoff.formats.identity import WorkerIdentity, user_environment
@@ -30,9 +27,7 @@ from handoff.master.sources import Source, Sources, Watch
 from handoff.master.system import System
 from handoff.master.workers import reap_watched, sweep
 from handoff.system.accepting_scan import ProcUnreadable, listen_addresses
-from handoff.system.capabilities import pidfd_getfd_refusal
 from handoff.system.children import Child, SpawnRequest
-from handoff.system.detach import Detachment
 from handoff.system.serving_scan import MAX_NET_TABLE_BYTES
 from handoff.system.sockets import Listener
 
@@ -51,11 +46,6 @@ _UNAVAILABLE_HINT = (
     "auto still works for the others; or choose --ready notify, delay:SECONDS or exec:COMMAND "
     "(workers of another --user: a master that is not root needs CAP_SYS_PTRACE and "
     "CAP_DAC_READ_SEARCH)"
-)
-_NO_DETACH_HINT = (
-    "a seccomp filter refuses pidfd_getfd (a container's profile, or systemd's "
-    "SystemCallFilter=), so old workers stop accepting only at their stop signal; allow "
-    "it (SystemCallFilter=pidfd_getfd, or the container's seccomp profile) to detach them"
 )
 _SKIPPED_HINT = (
     "processes of the tree that /proc will not show (non-dumpable: setuid, file "
@@ -97,19 +87,9 @@ class Probes:
         environ: Mapping[str, str],
         *,
         fd_limit: int | None = None,
-        detach_check: Callable[[], str | None] = pidfd_getfd_refusal,
     ) -> None:
         self._system = system
         self._fd_limit = fd_limit
-        # Asked once: a refusal is the host's setup, and lasts for this master's life.
-        self._detach_refused = detach_check()
-        if self._detach_refused:
-            emit(
-                EventName.DETACH_UNAVAILABLE,
-                Level.WARNING,
-                reason=f"pidfd_getfd: {self._detach_refused}",
-                hint=_NO_DETACH_HINT,
-            )
         self._sources = sources
         self._ready = ready
         self._environ = dict(environ)
@@ -258,27 +238,3 @@ class Probes:
             if probe.report >= 0:
                 os.close(probe.report)
         self._running.clear()
-
-    def detach(self, pid: Pid, machine: Supervisor) -> act.Report:
-        """Stop an old worker accepting before its stop signal; the report of which path
-        was taken (the loop writes it and counts it, like the machine's own)."""
-        if self._detach_refused:
-            reason = f"pidfd_getfd was refused at start: {self._detach_refused}"
-            result = Detachment(processes=0, registrations=0, reason=reason)
-        else:
-            result = self._system.detach(pid, self._listener_inodes)
-        worker = machine.worker(pid)
-        fields: dict[str, object] = {
-            "gen": worker.gen if worker else None,
-            "worker": worker.slot if worker else None,
-            "pid": pid,
-            "path": result.path,
-            "registrations": result.registrations,
-            "processes": result.processes,
-        }
-        if result.reason:
-            fields["reason"] = result.reason
-        if result.results:
-            fields["detached"] = result.detached
-            fields["failed"] = [{"pid": r.pid, "reason": r.error} for r in result.failed]
-        return act.report(EventName.WORKER_DETACHED, **fields)

@@ -31,6 +31,7 @@ class Source(Enum):
     WORKER = auto()
     NOTIFY = auto()
     PROBE = auto()
+    VERIFY = auto()  # a --verify check exited
     UPGRADE = auto()  # the pre-flight of an upgrade exited
     WARDEN = auto()
     CONTROL = auto()

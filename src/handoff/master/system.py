@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 from handoff.core.model import ExitStatus, Pid
 from handoff.system import accepting_scan, children, deploy_paths, detach, process_tree
+from handoff.system.detach import Registration
 from handoff.system.warden import Warden
 
 
@@ -56,6 +57,10 @@ class System(Protocol):
 
     def detach(self, pid: Pid, listeners: Mapping[int, int]) -> detach.Detachment:
         """Take pid's tree off the listening sockets (inode -> the master's fd)."""
+        ...
+
+    def reattach(self, registrations: Sequence[Registration], listeners: Mapping[int, int]) -> int:
+        """Put back registrations a detach removed; how many are in place afterwards."""
         ...
 
     def scan(
@@ -127,6 +132,9 @@ class RealSystem:
 
     def detach(self, pid: Pid, listeners: Mapping[int, int]) -> detach.Detachment:
         return detach.detach(pid, listeners)
+
+    def reattach(self, registrations: Sequence[Registration], listeners: Mapping[int, int]) -> int:
+        return detach.reattach(registrations, listeners)
 
     def scan(
         self,

@@ -22,6 +22,7 @@ One try:
    the sockets of the worker's process tree (/proc/PID/fd, the same reads as the scan).
    The server side is found by the connection's 4-tuple, reversed (TCP), or as the
    peer of this socket (unix).
+   With worker 0 (a --verify check: master/switching.py), whoever accepts answers.
 3. Accepted by another process (the old generation shares the listening socket): close
    it (that server sees a request cut short) and connect again, at most MAX_CONNECTIONS
    times within the try's timeout. Accepted by the worker's tree: finish the request,
@@ -61,6 +62,7 @@ from handoff.system.accepting_scan import process_fds
 from handoff.system.process_tree import tree
 from handoff.system.serving_scan import unix_name
 
+_ANYONE: Final = Pid(0)  # worker 0: the answer of whichever process accepted counts
 MAX_CONNECTIONS: Final = 100  # per try: connections accepted by other generations
 _FIRST_POLL_S: Final = 0.001  # waiting for the accept: 1 ms doubling to 20 ms
 _POLL_CAP_S: Final = 0.02
@@ -122,7 +124,7 @@ def try_once(
                 return Report(ok=False, detail=f"connection to {target.describe()}: {_why(exc)}")
             if inode is None:
                 return Report(ok=False, detail=_not_accepted(timeout_s, elsewhere))
-            owner = _owner(worker, inode)
+            owner = _owner(worker, inode) if worker else _ANYONE
             if owner is None:
                 # Another generation won the accept: it gets an unfinished request and a
                 # close. Connect again at once, while the try has time.
@@ -130,11 +132,12 @@ def try_once(
                 if elsewhere < MAX_CONNECTIONS and time.monotonic() < deadline:
                     continue
                 return Report(ok=False, detail=_not_accepted(timeout_s, elsewhere))
+            who = f"pid {owner}" if owner else target.describe()
             try:
                 sock.sendall(REQUEST_END)
                 head = _read_head(sock, deadline)
             except OSError as exc:
-                return Report(ok=False, detail=f"pid {owner} accepted, then: {_why(exc)}")
+                return Report(ok=False, detail=f"{who} accepted, then: {_why(exc)}")
         break
     line = status_line(head)
     # Connections an older generation accepted before this one: proof that its answers
@@ -143,13 +146,13 @@ def try_once(
     if line is None:
         shown = head[:60].decode("latin-1").encode("unicode_escape").decode("ascii")
         what = f"'{shown}'" if head else "nothing"
-        detail = f"pid {owner} answered GET {path} with {what}, not HTTP{before}"
+        detail = f"{who} answered GET {path} with {what}, not HTTP{before}"
         return Report(ok=False, detail=detail)
     if accepted(line.status, statuses):
-        detail = f"{line} from pid {owner} (GET {path}{before})"
+        detail = f"{line} from {who} (GET {path}{before})"
         return Report(ok=True, detail=detail, answer=str(line))
     wanted = describe_statuses(statuses)
-    detail = f"{line} from pid {owner} (GET {path}; want {wanted}{before})"
+    detail = f"{line} from {who} (GET {path}; want {wanted}{before})"
     return Report(ok=False, detail=detail, answer=str(line))
 
 
