@@ -47,6 +47,7 @@ READY_SPECS = {
 }
 STEPS = [0.05, 0.1, 0.3, 1.0, 2.0, 5.0, 12.0]
 SETTLES = [0.0, DEFAULT_SETTLE_S, 1.0]
+KEEPS = [0.0, 3.0, 30.0]  # --keep-previous: off, or a window (with --verify every 1 s)
 STOP = signal.SIGTERM
 
 
@@ -62,9 +63,10 @@ class SupervisorRules(RuleBasedStateMachine):
         workers=st.integers(1, 3),
         mode=st.sampled_from(sorted(READY_SPECS)),
         settle_s=st.sampled_from(SETTLES),
+        keep_s=st.sampled_from(KEEPS),
     )
-    def boot(self, workers: int, mode: str, settle_s: float) -> None:
-        self.loop = FakeLoop(_policy(workers, mode, settle_s))
+    def boot(self, workers: int, mode: str, settle_s: float, keep_s: float) -> None:
+        self.loop = FakeLoop(_policy(workers, mode, settle_s, keep_s))
         self.loop.start()
 
     # -- rules ------------------------------------------------------------------------
@@ -143,6 +145,28 @@ class SupervisorRules(RuleBasedStateMachine):
         self.loop.exit(self._pick(index), code=code, sig=sig)
 
     @precondition(running)
+    @rule()
+    def rollback(self) -> None:
+        self.loop.feed(ev.RollbackRequested(source="control"))
+
+    @precondition(running)
+    @rule(ok=st.booleans())
+    def verify_finished(self, ok: bool) -> None:
+        serving = self.loop.machine.generation_in(GenerationState.ACTIVE)
+        if serving is not None:
+            self.loop.feed(ev.VerifyFinished(gen=serving.id, ok=ok, detail="HTTP 500"))
+
+    @precondition(lambda self: self.running() and self.loop.alive)
+    @rule(index=st.integers(0, 20), detach=st.booleans())
+    def switch_failed(self, index: int, detach: bool) -> None:
+        """A parked worker's detach left it accepting, or a rollback could not put it back."""
+        pid = self._pick(index)
+        if detach:
+            self.loop.feed(ev.DetachFailed(pid=pid, reason="signal-only"))
+        else:
+            self.loop.feed(ev.ReattachFailed(pid=pid, reason="0 of 1 put back"))
+
+    @precondition(running)
     @rule(seconds=st.sampled_from(STEPS))
     def advance(self, seconds: float) -> None:
         self.loop.advance(seconds)
@@ -160,6 +184,7 @@ class SupervisorRules(RuleBasedStateMachine):
         counts = Counter(g.state for g in self.loop.machine.generations.values())
         assert counts[GenerationState.STARTING] <= 1
         assert counts[GenerationState.ACTIVE] <= 1
+        assert counts[GenerationState.PARKED] <= 1
         assert GenerationState.GONE not in counts, "a GONE generation is dropped"
         expected = {
             MasterState.STARTING: (1, 0),
@@ -187,12 +212,27 @@ class SupervisorRules(RuleBasedStateMachine):
                 assert action.pid in detached, f"pid {action.pid} signalled before detached"
 
     @invariant()
-    def stopping_workers_are_in_a_stopping_phase(self) -> None:
-        stopped = {a.pid for a in self.loop.log if isinstance(a, act.DetachListeners)}
-        for pid in self.loop.alive & stopped:
+    def detached_workers_are_parked_or_stopping(self) -> None:
+        """Off the socket: parked, or stopping; put back (a rollback): serving again."""
+        off: set[Pid] = set()
+        for action in self.loop.log:
+            if isinstance(action, act.DetachListeners):
+                off.add(action.pid)
+            elif isinstance(action, act.ReattachListeners):
+                assert action.pid in off, f"pid {action.pid} put back, never taken off"
+                off.discard(action.pid)
+        for pid in self.loop.alive & off:
             worker = self.loop.machine.worker(pid)
             assert worker is not None
-            assert worker.state.stopping, f"pid {pid} was detached but is {worker.state}"
+            phase = worker.state.stopping or worker.state is WorkerState.PARKED
+            assert phase, f"pid {pid} was detached but is {worker.state}"
+
+    @invariant()
+    def parked_workers_belong_to_the_parked_generation(self) -> None:
+        for gen in self.loop.machine.generations.values():
+            for worker in gen.live_workers():
+                if worker.state is WorkerState.PARKED:
+                    assert gen.state is GenerationState.PARKED, f"{worker} in {gen.state}"
 
     @invariant()
     def pids_are_spawned_tracked_and_reaped_once(self) -> None:
@@ -255,8 +295,11 @@ class SupervisorRules(RuleBasedStateMachine):
         return alive[index % len(alive)]
 
 
-def _policy(workers: int, mode: str, settle_s: float) -> Policy:
+def _policy(workers: int, mode: str, settle_s: float, keep_s: float = 0.0) -> Policy:
     return Policy(
+        keep_previous_s=keep_s,
+        verify_interval_s=1.0 if keep_s else 0.0,
+        rollback_after=2,
         workers=workers,
         ready=READY_SPECS[mode],
         ready_timeout_s=5.0,

@@ -131,7 +131,8 @@ class Generations:
         self.respawns.cancel(gen.id, out)
         parked = [w for w in gen.live_workers() if self.workers.park(w, out)]
         for worker in gen.live_workers():
-            self.workers.stop(worker, out)  # only acts on one not parked: a starting one
+            if worker.state is not WorkerState.PARKED:  # a respawn still starting
+                self.workers.stop(worker, out)
         out.append(act.StartTimer(key=TimerKey(TimerKind.KEEP_PREVIOUS, gen.id), delay_s=keep_s))
         out.append(
             act.report(EventName.GENERATION_PARKED, gen=gen.id, workers=len(parked), keep_s=keep_s)
