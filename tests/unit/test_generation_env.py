@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from handoff.core import events as ev
 from handoff.core.model import ExitStatus, GenId, Pid
 from handoff.formats.options import RunConfig, Timeouts, parse_bind, parse_ready
 from handoff.master.holdings import Holdings
@@ -168,7 +169,9 @@ def test_a_broken_file_fails_the_reload_with_its_line_and_the_old_generation_ser
     assert [rig.env(pid)["COLOR"] for pid in rig.workers(3)] == ["green", "green"]
 
 
-def test_a_generation_gone_drops_its_values(rig: Rig, env_file: Path) -> None:
+def test_a_generation_gone_drops_its_values_unless_a_rollback_restarts_it(
+    rig: Rig, env_file: Path
+) -> None:
     rig.ready_all(1)
     rig.inbox.send(signal.SIGHUP)
     rig.loop.turn()
@@ -182,7 +185,36 @@ def test_a_generation_gone_drops_its_values(rig: Rig, env_file: Path) -> None:
     rig.inbox.send(signal.SIGHUP)
     rig.loop.turn()
 
-    assert sorted(rig.holdings.generation_env) == [2, 3]
+    # 1 is what a rollback would restart (2 replaced it); once 3 replaces 2, it goes.
+    assert sorted(rig.holdings.generation_env) == [1, 2, 3]
+    rig.ready_all(3)
+    for pid in rig.workers(2):
+        rig.system.exit(pid, ExitStatus(signal=signal.SIGTERM))
+    rig.loop.turn()
+    rig.inbox.send(signal.SIGHUP)
+    rig.loop.turn()
+    assert sorted(rig.holdings.generation_env) == [2, 3, 4]
+
+
+def test_a_rollback_restart_runs_the_previous_release_and_its_values(env_file: Path) -> None:
+    pinned = "/srv/app/releases/41"
+    with rig_of(env_file, directories={Pid(1000): pinned, Pid(1001): pinned}) as rig:
+        rig.ready_all(1)
+        env_file.write_text("COLOR=blue\n")  # the next release's values
+        rig.inbox.send(signal.SIGHUP)
+        rig.loop.turn()
+        rig.ready_all(2)  # generation 1 drains (no --keep-previous)
+        for pid in rig.workers(1):
+            rig.system.exit(pid, ExitStatus(signal=signal.SIGTERM))
+        rig.loop.turn()
+
+        rig.loop.submit(ev.RollbackRequested(source="control"))
+
+        restarted = rig.workers(3)
+        assert len(restarted) == 2
+        for pid in restarted:
+            assert rig.env(pid)["COLOR"] == "red"
+            assert rig.system.processes[pid].request.cwd == pinned
 
 
 def test_the_values_are_handed_over_across_a_reexec(rig: Rig) -> None:

@@ -263,7 +263,7 @@ def test_crashes_of_the_new_generation_in_the_window_roll_back() -> None:
     assert "2 worker crashes in the window" in str(rolled["reason"])
     assert loop.gen_state(1) is GenerationState.ACTIVE
     assert loop.gen_state(2) is GenerationState.GONE  # both crashed; no respawn now
-    assert loop.advance(5.0) == [] or not of_type(loop.log, act.SpawnWorker)[-1].gen == 2
+    assert all(spawn.gen != 2 for spawn in of_type(loop.advance(5.0), act.SpawnWorker))
 
 
 def test_crashes_after_the_window_only_respawn() -> None:
@@ -293,7 +293,7 @@ def test_failed_verifications_in_a_row_roll_back_a_pass_resets_the_count() -> No
     rolled = report(out, "reload.rolled_back").fields
     assert "--verify failed 2 times in a row: HTTP 503" in str(rolled["reason"])
     assert loop.gen_state(1) is GenerationState.ACTIVE
-    assert loop.advance(5.0) == [] or not of_type(loop.log[-5:], act.RunVerify)
+    assert of_type(loop.advance(5.0), act.RunVerify) == []
 
 
 def test_verification_stops_with_the_window() -> None:

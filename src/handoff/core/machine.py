@@ -90,6 +90,11 @@ class Supervisor:
         """Every generation not yet gone, by id."""
         return self._gens.by_id
 
+    @property
+    def previous_release(self) -> GenId | None:
+        """The generation whose release a rollback would restart (its directory, env)."""
+        return self._gens.previous_release
+
     def generation_in(self, state: GenerationState) -> Generation | None:
         return self._gens.in_state(state)
 

@@ -13,13 +13,18 @@ directory's filesystem); respawns and scale-ups enter that pinned release. So ne
 flip of ``current`` before the reload nor a release that failed to start (``current``
 left on it) reaches the generation that serves.
 
+A rollback's restart (``Generation.release_of``) starts with the values and the directory
+of the generation it goes back to, kept for that purpose after it is gone (the machine's
+``previous_release``): the release symlink may have been flipped since.
+
 Both are kept in ``Holdings`` (``generation_env``, ``generation_dirs``), which a master
 re-executed in place is handed, and dropped once their generation is gone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
+from typing import Protocol
 
 from handoff.core.model import Generation, GenerationState, GenId, Pid
 from handoff.errors import HandoffError, SpawnError
@@ -32,6 +37,16 @@ from handoff.system.children import Child
 from handoff.system.deploy_paths import read_env_files
 
 
+class Releases(Protocol):
+    """What the setup reads of the machine (``Supervisor`` is one)."""
+
+    @property
+    def generations(self) -> Mapping[GenId, Generation]: ...
+
+    @property
+    def previous_release(self) -> GenId | None: ...
+
+
 class GenerationSetup:
     """Per generation: its env files' values and its release directory."""
 
@@ -40,12 +55,12 @@ class GenerationSetup:
         system: System,
         config: RunConfig,
         holdings: Holdings,
-        generations: Callable[[], Mapping[GenId, Generation]],
+        machine: Releases,
     ) -> None:
         self._system = system
         self._workdir = config.workdir
         self._env_files = config.env_files
-        self._generations = generations  # the machine's generations not yet gone
+        self._machine = machine  # its generations not yet gone, the release kept to go back
         self._env = holdings.generation_env  # gen -> its --env-file values
         self._dirs = holdings.generation_dirs  # gen -> the release it runs (pinned)
         self._env_errors: dict[GenId, str] = {}  # gen -> why its env files cannot be used
@@ -56,6 +71,9 @@ class GenerationSetup:
         self._forget_gone(gen)
         if gen in self._env_errors:
             raise SpawnError(self._env_errors[gen])
+        release = self._release_of(gen)
+        if gen not in self._env and release in self._env:
+            self._env[gen] = self._env[release]  # a rollback's restart: as it was
         if gen not in self._env:
             if not self._env_files:
                 return {}
@@ -73,9 +91,12 @@ class GenerationSetup:
         """Where a worker of gen starts (see the module docstring). live: the workers
         running now, whose directory can be asked when none was pinned (a child still on
         its way to exec, a master re-executed by a version that pinned nothing)."""
-        generation = self._generations().get(gen)
+        generation = self._machine.generations.get(gen)
+        release = self._release_of(gen)
+        if self._workdir is not None and gen not in self._dirs and release in self._dirs:
+            self._dirs[gen] = self._dirs[release]  # a rollback's restart: its release
         starting = generation is None or generation.state is GenerationState.STARTING
-        if self._workdir is None or starting:
+        if self._workdir is None or (starting and gen not in self._dirs):
             return self._workdir
         if gen in self._dirs:
             return self._dirs[gen]
@@ -95,9 +116,15 @@ class GenerationSetup:
             if found is not None:
                 self._dirs[gen] = found
 
+    def _release_of(self, gen: GenId) -> GenId | None:
+        generation = self._machine.generations.get(gen)
+        return None if generation is None else generation.release_of
+
     def _forget_gone(self, gen: GenId) -> None:
-        live = self._generations()
+        live = self._machine.generations
+        kept = {gen, *live, self._machine.previous_release}
+        kept.update(g.release_of for g in live.values())
         for store in (self._env, self._dirs):
-            for gone in [g for g in store if g not in live and g != gen]:
+            for gone in [g for g in store if g not in kept]:
                 del store[gone]
         self._env_errors = {g: why for g, why in self._env_errors.items() if g in live}

@@ -103,7 +103,7 @@ class MasterLoop:
             holdings,
             environ,
             timers=self._timers,
-            generations=lambda: self._machine.generations,
+            machine=self._machine,
         )
         self._probes = Probes(
             system, self._sources, config.ready, listeners, environ, fd_limit=fd_limit

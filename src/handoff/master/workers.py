@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from handoff.core import events as ev
-from handoff.core.model import ExitStatus, Generation, GenId, Pid
+from handoff.core.model import ExitStatus, GenId, Pid
 from handoff.core.timers import TimerKey, TimerKind, Timers
 from handoff.errors import SpawnError
 from handoff.formats.identity import user_environment
@@ -27,7 +27,7 @@ from handoff.formats.worker_contract import (
     names_sockets_in_argv,
     worker_environment,
 )
-from handoff.master.generation_setup import GenerationSetup
+from handoff.master.generation_setup import GenerationSetup, Releases
 from handoff.master.holdings import Holdings
 from handoff.master.sources import Source, Sources, Watch
 from handoff.master.system import System
@@ -47,7 +47,7 @@ class WorkerTable:
         environ: Mapping[str, str],
         *,
         timers: Timers,
-        generations: Callable[[], Mapping[GenId, Generation]],
+        machine: Releases,
     ) -> None:
         self._system = system
         self._timers = timers  # read only: a stopping worker's settle and drain deadlines
@@ -57,7 +57,7 @@ class WorkerTable:
         self._config = config
         self._listeners = holdings.listeners
         self._environ = dict(environ)
-        self._setup = GenerationSetup(system, config, holdings, generations)  # env, cwd
+        self._setup = GenerationSetup(system, config, holdings, machine)  # env, cwd
         self._children: dict[Pid, Child] = {}
         self._output = holdings.output or WorkerOutput(sources, None)  # their stdout, stderr
 
