@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from dataclasses import replace
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -64,9 +65,11 @@ class SupervisorRules(RuleBasedStateMachine):
         mode=st.sampled_from(sorted(READY_SPECS)),
         settle_s=st.sampled_from(SETTLES),
         keep_s=st.sampled_from(KEEPS),
+        rollout=st.sampled_from([0, 1, 2]),
     )
-    def boot(self, workers: int, mode: str, settle_s: float, keep_s: float) -> None:
-        self.loop = FakeLoop(_policy(workers, mode, settle_s, keep_s))
+    def boot(self, workers: int, mode: str, settle_s: float, keep_s: float, rollout: int) -> None:
+        policy = replace(_policy(workers, mode, settle_s, keep_s), rollout_count=rollout)
+        self.loop = FakeLoop(policy)
         self.loop.start()
 
     # -- rules ------------------------------------------------------------------------
@@ -143,6 +146,16 @@ class SupervisorRules(RuleBasedStateMachine):
     def exit(self, index: int, how: tuple[int | None, int | None]) -> None:
         code, sig = how
         self.loop.exit(self._pick(index), code=code, sig=sig)
+
+    @precondition(running)
+    @rule(canary=st.integers(1, 3))
+    def reload_canary(self, canary: int) -> None:
+        self.loop.feed(ev.ReloadRequested(source="control", canary=canary))
+
+    @precondition(running)
+    @rule()
+    def promote(self) -> None:
+        self.loop.feed(ev.PromoteRequested(source="control"))
 
     @precondition(running)
     @rule()
@@ -228,11 +241,24 @@ class SupervisorRules(RuleBasedStateMachine):
             assert phase, f"pid {pid} was detached but is {worker.state}"
 
     @invariant()
-    def parked_workers_belong_to_the_parked_generation(self) -> None:
-        for gen in self.loop.machine.generations.values():
+    def parked_workers_belong_to_a_parked_or_rolling_generation(self) -> None:
+        """Parked: a replaced generation's, or the serving one's during a --rollout."""
+        machine = self.loop.machine
+        rolling = machine.state is MasterState.RELOADING
+        for gen in machine.generations.values():
             for worker in gen.live_workers():
                 if worker.state is WorkerState.PARKED:
-                    assert gen.state is GenerationState.PARKED, f"{worker} in {gen.state}"
+                    allowed = {GenerationState.PARKED}
+                    if rolling:
+                        allowed.add(GenerationState.ACTIVE)
+                    assert gen.state in allowed, f"{worker} in {gen.state}"
+
+    @invariant()
+    def a_rollout_admits_no_more_than_its_size(self) -> None:
+        for gen in self.loop.machine.generations.values():
+            if gen.admitted is not None:
+                assert 0 < gen.admitted <= gen.size
+                assert gen.state is not GenerationState.ACTIVE, "its batches are done"
 
     @invariant()
     def pids_are_spawned_tracked_and_reaped_once(self) -> None:

@@ -166,7 +166,7 @@ def test_a_worker_that_cannot_be_put_back_is_replaced_in_its_slot() -> None:
     assert (1, 0) in [loop.spawned[p] for p in loop.pids(1)]
 
 
-def test_rollback_during_a_reload_cancels_it_and_goes_back() -> None:
+def test_rollback_during_a_reload_cancels_the_reload_the_serving_one_stays() -> None:
     loop = parked_loop()
     loop.reload()  # gen 3 starting
     assert loop.master_state() is MasterState.RELOADING
@@ -174,9 +174,13 @@ def test_rollback_during_a_reload_cancels_it_and_goes_back() -> None:
     out = rollback(loop)
 
     assert loop.gen_state(3) is GenerationState.DRAINING
-    assert loop.gen_state(1) is GenerationState.ACTIVE
+    assert loop.gen_state(2) is GenerationState.ACTIVE
+    assert loop.gen_state(1) is GenerationState.PARKED  # a second rollback goes back to it
     assert loop.master_state() is MasterState.RUNNING
     assert report(out, "reload.failed").fields["reason"] == "cancelled: rollback"
+    rolled = report(out, "reload.rolled_back").fields
+    assert (rolled["gen"], rolled["to"], rolled["path"]) == (3, 2, "cancel")
+    assert report(rollback(loop), "reload.rolled_back").fields["path"] == "reattach"
 
 
 # -- manual rollback: restart ------------------------------------------------------------

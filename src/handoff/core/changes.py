@@ -19,6 +19,13 @@ class Complete:
 
 
 @dataclass(frozen=True, slots=True)
+class CanaryReady:
+    """Every worker of this canary is ready: it serves beside the active generation."""
+
+    gen: Generation
+
+
+@dataclass(frozen=True, slots=True)
 class Failing:
     """This starting generation lost a worker before it served: it fails."""
 
@@ -42,4 +49,4 @@ class GivingUp:
     reason: str
 
 
-Change = Complete | Failing | Crashed | GivingUp | None
+Change = Complete | CanaryReady | Failing | Crashed | GivingUp | None

@@ -32,6 +32,14 @@ class Resumed:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReloadRequested:
     source: str
+    canary: int = 0  # reload --canary K: K new workers beside the old ones, until a promote
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromoteRequested:
+    """Turn the canary into the reload (handoff promote)."""
+
+    source: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +148,7 @@ Event = (
     Started
     | Resumed
     | ReloadRequested
+    | PromoteRequested
     | StopRequested
     | ScaleRequested
     | ForwardRequested

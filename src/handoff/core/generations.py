@@ -18,7 +18,7 @@ stopping, a rollback) it does not decide: the ``Supervisor`` acts on a ``Change`
 from __future__ import annotations
 
 from handoff.core import actions as act
-from handoff.core.changes import Change, Complete
+from handoff.core.changes import CanaryReady, Change, Complete
 from handoff.core.model import (
     Generation,
     GenerationState,
@@ -54,10 +54,18 @@ class Generations:
     # -- generation transitions ---------------------------------------------------------
 
     def start(
-        self, size: int, now: float, out: list[act.Action], *, release_of: GenId | None = None
+        self,
+        size: int,
+        now: float,
+        out: list[act.Action],
+        *,
+        release_of: GenId | None = None,
+        first: int | None = None,
+        canary: bool = False,
     ) -> Generation:
         """A new STARTING generation, its workers asked for (release_of: a rollback's restart
-        of that generation's release)."""
+        of that generation's release; first: only so many slots for now, a --rollout;
+        canary: a reload --canary of size workers)."""
         if self.in_state(GenerationState.STARTING) is not None:
             raise InvalidTransition("a second generation may not start while one is starting")
         gen = Generation(
@@ -66,11 +74,18 @@ class Generations:
             size=size,
             started_at=now,
             release_of=release_of,
+            canary=canary,
+            admitted=first,
         )
         self.next_id = GenId(self.next_id + 1)
         self.by_id[gen.id] = gen
-        out.append(act.report(EventName.GENERATION_STARTED, gen=gen.id, workers=gen.size))
-        for slot in range(gen.size):
+        fields: dict[str, object] = {"gen": gen.id, "workers": gen.size}
+        if canary:
+            fields["canary"] = True
+        if first is not None:
+            fields["batch"] = first
+        out.append(act.report(EventName.GENERATION_STARTED, **fields))
+        for slot in range(gen.size if first is None else first):
             self.spawn(gen, slot, out)
         return gen
 
@@ -89,6 +104,7 @@ class Generations:
         _require(gen, GenerationState.STARTING)
         previous = self.in_state(GenerationState.ACTIVE)
         gen.state = GenerationState.ACTIVE
+        gen.admitted = None  # a --rollout's batches are done
         duration = round(now - gen.started_at, 4)
         out.append(
             act.report(
@@ -129,7 +145,12 @@ class Generations:
         gen.state = GenerationState.PARKED
         gen.parked_until = now + keep_s
         self.respawns.cancel(gen.id, out)
-        parked = [w for w in gen.live_workers() if self.workers.park(w, out)]
+        # Some may be parked already: taken off one by one by a --rollout.
+        parked = [
+            w
+            for w in gen.live_workers()
+            if w.state is WorkerState.PARKED or self.workers.park(w, out)
+        ]
         for worker in gen.live_workers():
             if worker.state is not WorkerState.PARKED:  # a respawn still starting
                 self.workers.stop(worker, out)
@@ -212,9 +233,9 @@ class Generations:
                 self.workers.stop(worker, out)  # drained like an old worker, not respawned
 
     def complete(self, gen: Generation) -> Change:
-        """A starting generation whose workers are all ready already (after a re-exec)."""
+        """Are all the workers of this starting generation ready (a canary: every one of it)?"""
         if gen.state is GenerationState.STARTING and gen.ready_count() >= gen.size:
-            return Complete(gen)
+            return CanaryReady(gen) if gen.canary else Complete(gen)
         return None
 
     # -- helpers ----------------------------------------------------------------------

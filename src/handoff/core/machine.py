@@ -31,8 +31,8 @@ from typing import assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
-from handoff.core import machine_resume, rollback, scaling
-from handoff.core.changes import Change, Complete, Crashed, Failing, GivingUp
+from handoff.core import machine_resume, rollback, rollout, scaling, stopping
+from handoff.core.changes import CanaryReady, Change, Complete, Crashed, Failing, GivingUp
 from handoff.core.generations import Generations
 from handoff.core.model import (
     Generation,
@@ -45,7 +45,7 @@ from handoff.core.model import (
 )
 from handoff.core.policy import Policy, ReloadOutcome
 from handoff.core.snapshot import MachineSnapshot
-from handoff.core.timers import SHUTDOWN_DELAY_KEY, TimerKey, TimerKind
+from handoff.core.timers import TimerKey, TimerKind
 from handoff.core.worker_events import WorkerEvents
 from handoff.errors import EXIT_GAVE_UP, EXIT_NEVER_READY, EXIT_OK
 from handoff.formats.log_events import EventName, Level
@@ -121,10 +121,17 @@ class Supervisor:
             case ev.Resumed():
                 self._require_master(MasterState.STARTING)
                 machine_resume.resume(self, event, now, out)
-            case ev.ReloadRequested(source=source):
-                self._on_reload_requested(source, now, out)
+            case ev.ReloadRequested(source=source, canary=canary):
+                self._on_reload_requested(source, now, out, canary=canary)
+            case ev.PromoteRequested(source=source):
+                why = rollout.promote(self, source, out)
+                if why is not None:
+                    level = Level.WARNING
+                    out.append(
+                        act.report(EventName.PROMOTE_REFUSED, level, source=source, reason=why)
+                    )
             case ev.StopRequested(fast=fast, source=source):
-                self._on_stop_requested(fast, source, now, out)
+                stopping.request(self, fast, source, now, out)
             case ev.ScaleRequested(source=source, workers=workers, delta=delta):
                 scaling.scale(self, source, workers, delta, out)
             case ev.ForwardRequested(signal=sig):
@@ -141,7 +148,7 @@ class Supervisor:
             case ev.ProbeFinished():
                 self._act_on(self._events.probe_finished(event, now, out), now, out)
             case ev.TimerFired(key=key) if key.kind is TimerKind.SHUTDOWN_DELAY:
-                self._end_leaving(fast=False, now=now, out=out)
+                stopping.end_leaving(self, fast=False, now=now, out=out)
             case ev.RollbackRequested() | ev.DetachFailed() | ev.ReattachFailed():
                 rollback.on_event(self, event, now, out)
             case ev.VerifyFinished():
@@ -154,7 +161,9 @@ class Supervisor:
                 self._act_on(self._events.on_worker_timer(key, now, out), now, out)
             case _:
                 assert_never(event)
-        self._check_exit(out)
+        if self.state is MasterState.RELOADING:
+            rollout.step(self, out)
+        stopping.check_exit(self, out)
         return out
 
     def _act_on(self, change: Change, now: float, out: list[act.Action]) -> None:
@@ -166,6 +175,12 @@ class Supervisor:
                 self._activate(gen, now, out)
             case Failing(gen=gen, reason=reason):
                 self._fail(gen, reason, now, out)
+            case CanaryReady(gen=gen):
+                serving = self.generation_in(GenerationState.ACTIVE)
+                beside = None if serving is None else serving.id
+                out.append(
+                    act.report(EventName.CANARY_READY, gen=gen.id, workers=gen.size, beside=beside)
+                )
             case Crashed(gen=gen, reason=reason) | GivingUp(gen=gen, reason=reason):
                 # In a --keep-previous window a crash counts towards a rollback, which
                 # comes before any give-up. Nothing serves otherwise: exit, so that an
@@ -177,7 +192,9 @@ class Supervisor:
                     out.append(
                         act.report(EventName.MASTER_GAVE_UP, Level.ERROR, gen=gen.id, reason=reason)
                     )
-                    self._begin_stop(fast=False, now=now, out=out, code=EXIT_GAVE_UP, reason=reason)
+                    stopping.begin(
+                        self, fast=False, now=now, out=out, code=EXIT_GAVE_UP, reason=reason
+                    )
             case _:
                 assert_never(change)
 
@@ -204,14 +221,17 @@ class Supervisor:
         self._gens.fail(gen, reason, out)
         if self.state is MasterState.STARTING:
             out.append(act.report(EventName.MASTER_NEVER_READY, Level.ERROR, reason=reason))
-            self._begin_stop(fast=False, now=now, out=out, code=EXIT_NEVER_READY, reason=reason)
+            stopping.begin(self, fast=False, now=now, out=out, code=EXIT_NEVER_READY, reason=reason)
         elif self.state is MasterState.RELOADING:
             self._finish_reload(gen, ok=False, reason=reason, now=now, out=out)
+            rollout.undo(self, out)  # a --rollout's old workers taken off: back
         self._gens.check_gone(gen, out)
 
     # -- reloads and stops -------------------------------------------------------------
 
-    def _on_reload_requested(self, source: str, now: float, out: list[act.Action]) -> None:
+    def _on_reload_requested(
+        self, source: str, now: float, out: list[act.Action], *, canary: int = 0
+    ) -> None:
         match self.state:
             case MasterState.RUNNING:
                 # RUNNING -> RELOADING: a new generation starts beside the serving one.
@@ -219,7 +239,11 @@ class Supervisor:
                 self._reload_started_at = now
                 gen = self._gens.next_id
                 out.append(act.report(EventName.RELOAD_REQUESTED, source=source, gen=gen))
-                self._gens.start(self.workers_target, now, out)
+                rollout.start(self, canary, now, out)
+            case MasterState.STARTING | MasterState.RELOADING if canary:
+                why = "a reload is in progress: a canary starts beside a generation serving alone"
+                level = Level.WARNING
+                out.append(act.report(EventName.RELOAD_REFUSED, level, source=source, reason=why))
             case MasterState.STARTING | MasterState.RELOADING:
                 # Requests during a start coalesce: one pending reload, run when it ends.
                 already = self._reload_pending
@@ -261,69 +285,6 @@ class Supervisor:
             self._reload_pending = False
             self._on_reload_requested("queued", now, out)
 
-    def _on_stop_requested(
-        self, fast: bool, source: str, now: float, out: list[act.Action]
-    ) -> None:
-        if self.state is MasterState.LEAVING:
-            # A second request skips the rest of --shutdown-delay.
-            out.append(act.CancelTimer(key=SHUTDOWN_DELAY_KEY))
-            self._end_leaving(fast=fast, now=now, out=out)
-            return
-        if self.state is MasterState.STOPPING:
-            # A second Ctrl-C (or QUIT) means: stop waiting for the drain.
-            if (fast or source == "SIGINT") and not self._fast_stop:
-                self._fast_stop = True
-                out.append(act.report(EventName.MASTER_STOPPING, fast=True, source=source))
-                self._kill_all(out)
-            return
-        reason = f"stop requested ({source})"
-        delay = self.policy.shutdown_delay_s
-        if delay > 0 and not fast and self.generation_in(GenerationState.ACTIVE) is not None:
-            self._begin_leaving(delay, reason, now, out)
-            return
-        self._begin_stop(fast=fast, now=now, out=out, code=EXIT_OK, reason=reason)
-
-    def _begin_leaving(self, delay: float, reason: str, now: float, out: list[act.Action]) -> None:
-        # RUNNING | RELOADING -> LEAVING: not ready any more, the serving generation serves
-        # on for the delay; a reload in progress is cancelled (its generation drained).
-        self._cancel_reload(now, out)
-        rollback.close_window(self, out)
-        for gen in list(self.generations.values()):
-            if gen.state in (GenerationState.STARTING, GenerationState.PARKED):
-                self._gens.drain(gen, "stopping", self._stop_signal_name(), out)
-        self.state = MasterState.LEAVING
-        self._exit = act.Exit(code=EXIT_OK, reason=reason)
-        out.append(act.StartTimer(key=SHUTDOWN_DELAY_KEY, delay_s=delay))
-        out.append(act.report(EventName.MASTER_LEAVING, delay_s=delay, reason=reason))
-
-    def _end_leaving(self, *, fast: bool, now: float, out: list[act.Action]) -> None:
-        if self.state is MasterState.LEAVING:  # a timer may outlive its state
-            assert self._exit is not None
-            self._begin_stop(fast=fast, now=now, out=out, code=EXIT_OK, reason=self._exit.reason)
-
-    def _begin_stop(
-        self, *, fast: bool, now: float, out: list[act.Action], code: int, reason: str
-    ) -> None:
-        # any -> STOPPING; a reload in progress ends as failed ("cancelled").
-        self._cancel_reload(now, out)
-        self.state = MasterState.STOPPING
-        self._fast_stop = fast
-        self._exit = act.Exit(code=code, reason=reason)
-        out.append(act.report(EventName.MASTER_STOPPING, fast=fast, reason=reason))
-        # No new connection from here on; the workers take what is queued, then leave.
-        out.append(act.StopTakingConnections())
-        rollback.close_window(self, out)
-        for gen in list(self.generations.values()):
-            if gen.state in (
-                GenerationState.ACTIVE,
-                GenerationState.STARTING,
-                GenerationState.PARKED,
-            ):
-                signal_name = self._stop_signal_name()
-                self._gens.drain(gen, "stopping", signal_name, out, accept_until_signal=not fast)
-        if fast:
-            self._kill_all(out)
-
     def _cancel_reload(
         self, now: float, out: list[act.Action], reason: str = "cancelled: master stopping"
     ) -> None:
@@ -331,22 +292,6 @@ class Supervisor:
         starting = self.generation_in(GenerationState.STARTING)
         if self.state is MasterState.RELOADING and starting is not None:
             self._finish_reload(starting, ok=False, reason=reason, now=now, out=out)
-
-    def _kill_all(self, out: list[act.Action]) -> None:
-        lifecycle = self._gens.workers
-        for worker in lifecycle.live():
-            lifecycle.kill(worker, "fast stop", out)
-
-    def _check_exit(self, out: list[act.Action]) -> None:
-        if self.state is not MasterState.STOPPING:
-            return
-        if not self._listeners_closed and not self._gens.workers.any_accepting():
-            self._listeners_closed = True
-            out.append(act.CloseListeners())
-        if not self.generations and not self._exited:
-            assert self._exit is not None
-            self._exited = True
-            out.append(self._exit)
 
     # -- guards ------------------------------------------------------------------------
 

@@ -128,6 +128,10 @@ class Generation:
     parked_until: float | None = None  # PARKED: when the --keep-previous window ends
     # A rollback's restart: the generation whose release (directory, env files) it runs.
     release_of: GenId | None = None
+    # reload --canary: its workers serve beside the active generation until a promote.
+    canary: bool = False
+    # --rollout: the slots asked for so far, batch by batch (None: every slot at once).
+    admitted: int | None = None
 
     def live_workers(self) -> list[Worker]:
         return list(self.workers.values())

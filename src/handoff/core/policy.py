@@ -37,6 +37,10 @@ class Policy:
     # --rollback-after: failed checks in a row, or crashes, that roll back by themselves.
     verify_interval_s: float = 0.0
     rollback_after: int = 3
+    # --rollout: the new generation's workers come BATCH at a time (a count, or a
+    # percentage of the workers); 0 and 0: all at once.
+    rollout_count: int = 0
+    rollout_percent: int = 0
     # A worker that was ready this long before dying starts a fresh backoff; one that
     # dies sooner (even after becoming ready) counts as one more crash in a row.
     stable_after_s: float = 10.0
@@ -72,6 +76,8 @@ class Policy:
             keep_previous_s=config.rollback.keep_previous_s,
             verify_interval_s=config.rollback.verify_interval_s if config.rollback.verify else 0,
             rollback_after=config.rollback.rollback_after,
+            rollout_count=config.rollback.rollout.count,
+            rollout_percent=config.rollback.rollout.percent,
         )
 
 

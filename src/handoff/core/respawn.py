@@ -87,6 +87,10 @@ class Respawns:
         """How many times in a row the slot's worker died before it was stable."""
         return self._crashes.get((gen, slot), 0)
 
+    def waiting(self, gen: GenId, slot: int) -> bool:
+        """Does this slot wait for its respawn timer?"""
+        return slot in self._pending.get(gen, set())
+
     def pending(self, gen: GenId) -> bool:
         """Does a slot of the generation still wait for its respawn timer?"""
         return bool(self._pending.get(gen))

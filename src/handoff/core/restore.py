@@ -45,6 +45,8 @@ def records(gens: Generations) -> tuple[GenerationRecord, ...]:
             size=gen.size,
             started_at=gen.started_at,
             release_of=gen.release_of,
+            canary=gen.canary,
+            admitted=gen.admitted,
             workers=tuple(
                 WorkerRecord(
                     pid=w.pid,
@@ -88,6 +90,8 @@ def restore(
             size=record.size,
             started_at=record.started_at,
             release_of=record.release_of,
+            canary=record.canary,
+            admitted=record.admitted,
         )
         gens.by_id[gen.id] = gen
         for w in record.workers:
@@ -159,7 +163,7 @@ def _resume(
                 delay = remaining(deadlines, key, now) or 0.0
                 gens.respawns.restore(gen.id, key.slot, delay, out)
     if serving:
-        for slot in range(gen.size):
+        for slot in range(gen.size if gen.admitted is None else gen.admitted):
             if slot not in filled:
                 gens.spawn(gen, slot, out)
     gens.check_gone(gen, out)

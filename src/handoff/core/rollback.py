@@ -5,7 +5,10 @@ Pure. Functions of the ``Supervisor``, written out of its class (which stays sma
 are its own and change its state as its methods do. Generations change only through
 ``Generations``, workers only through ``WorkerLifecycle``.
 
-A rollback takes one of two paths:
+A rollback takes one of three paths:
+
+- **cancel**: a reload is in progress (a canary, a rollout, a generation starting): it is
+  undone, and the serving generation goes on serving, whole (``rollout.undo``);
 
 - **reattach**: the previous generation is parked (its workers detached, not signalled):
   their epoll registrations are put back (``ReattachListeners``) before the serving
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
+from handoff.core import rollout
 from handoff.core.model import Generation, GenerationState, GenId, MasterState, Pid, WorkerState
 from handoff.core.timers import TimerKey, TimerKind
 from handoff.formats.log_events import EventName, Level
@@ -92,6 +96,8 @@ def refusal(self: Supervisor) -> str | None:
         return "the first generation is still starting: there is no previous one"
     if self.restarting is not None:
         return "a rollback is already in progress"
+    if self.state is MasterState.RELOADING:
+        return None  # the reload in progress is undone
     if _parked(self) is None and self._gens.previous_release is None:
         return (
             "nothing to roll back to: no reload has replaced a generation since the master "
@@ -106,13 +112,18 @@ def request(self: Supervisor, source: str, reason: str, now: float, out: list[ac
     if why is not None:
         out.append(act.report(EventName.ROLLBACK_REFUSED, Level.WARNING, source=source, reason=why))
         return
-    self._cancel_reload(now, out, reason="cancelled: rollback")  # a reload in progress
     gens = self._gens
-    cancelled = self.generation_in(GenerationState.STARTING)
-    if cancelled is not None:
-        gens.drain(cancelled, "rolled back", self._stop_signal_name(), out)
     serving = self.generation_in(GenerationState.ACTIVE)
-    assert serving is not None  # RUNNING
+    assert serving is not None  # RUNNING or RELOADING
+    starting = self.generation_in(GenerationState.STARTING)
+    if self.state is MasterState.RELOADING and starting is not None:
+        # A reload in progress (a canary, a rollout) is undone; the serving one stays.
+        out.append(_rolled_back(starting.id, serving.id, "cancel", source, reason))
+        self._cancel_reload(now, out, reason="cancelled: rollback")
+        gens.drain(starting, "rolled back", self._stop_signal_name(), out)
+        rollout.undo(self, out)
+        out.append(_finished("cancel", serving.id))
+        return
     close_window(self, out)
     parked = _parked(self)
     if parked is not None:
@@ -120,11 +131,7 @@ def request(self: Supervisor, source: str, reason: str, now: float, out: list[ac
         gens.reinstate(parked, self.workers_target, out)  # back on the socket first
         gens.drain(serving, "rolled back", self._stop_signal_name(), out)
         gens.previous_release = None
-        out.append(
-            act.report(
-                EventName.ROLLBACK_FINISHED, ok=True, path="reattach", gen=parked.id, duration_s=0.0
-            )
-        )
+        out.append(_finished("reattach", parked.id))
         return
     release = gens.previous_release
     assert release is not None  # refusal() said so
@@ -279,6 +286,11 @@ def _rolled_back(gen: GenId, to: GenId, path: str, source: str, reason: str) -> 
         source=source,
         reason=reason,
     )
+
+
+def _finished(path: str, gen: GenId) -> act.Report:
+    """A rollback done at once (the reattach and cancel paths)."""
+    return act.report(EventName.ROLLBACK_FINISHED, ok=True, path=path, gen=gen, duration_s=0.0)
 
 
 def _confirmed(window: Window, out: list[act.Action], *, ended: str) -> None:

@@ -58,6 +58,8 @@ class GenerationRecord:
     started_at: float
     workers: tuple[WorkerRecord, ...] = ()
     release_of: GenId | None = None  # a rollback's restart: whose release it runs
+    canary: bool = False
+    admitted: int | None = None  # --rollout: the slots asked for so far
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,6 +161,8 @@ def _generation(data: object) -> GenerationRecord:
         started_at=_float(d.get("started_at"), "started_at"),
         workers=tuple(_worker(w) for w in _list(d.get("workers"), "workers")),
         release_of=_optional_gen(d.get("release_of"), "release_of"),
+        canary=_bool(d.get("canary", False), "canary"),
+        admitted=None if d.get("admitted") is None else _int(d.get("admitted"), "admitted"),
     )
 
 

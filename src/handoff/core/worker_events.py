@@ -13,7 +13,7 @@ from typing import assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
-from handoff.core.changes import Change, Complete, Crashed, Failing, GivingUp
+from handoff.core.changes import Change, Crashed, Failing, GivingUp
 from handoff.core.generations import Generations
 from handoff.core.model import (
     ExitStatus,
@@ -142,10 +142,7 @@ class WorkerEvents:
     ) -> Change:
         if not self._gens.workers.ready(worker, via, now, out, detail):
             return None
-        gen = self._gens.by_id[worker.gen]
-        if gen.state is GenerationState.STARTING and gen.ready_count() == gen.size:
-            return Complete(gen)
-        return None
+        return self._gens.complete(self._gens.by_id[worker.gen])
 
     def _lost(
         self,

@@ -225,6 +225,8 @@ class WorkerLifecycle:
         )
         if worker.respawn_reason:
             return Exited(worker, worker.respawn_reason, None)
+        if was is WorkerState.PARKED:
+            return Exited(worker, "", None)  # off the socket already: nothing to replace
         if expected:
             return Exited(worker, "", None)
         ready = "after it was ready" if was is WorkerState.READY else "before it was ready"

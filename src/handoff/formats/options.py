@@ -301,13 +301,39 @@ def parse_verify(text: str) -> VerifySpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RolloutSpec:
+    """--rollout: how many new workers at a time (a count, or a percentage)."""
+
+    count: int = 0
+    percent: int = 0
+
+    def describe(self) -> str:
+        return f"{self.percent}%" if self.percent else str(self.count)
+
+
+def parse_rollout(text: str) -> RolloutSpec:
+    """Parse ``--rollout``: a whole number of workers (1, 2, ...) or a percentage (25%)."""
+    number = text.removesuffix("%")
+    if is_decimal(number) and 0 < int(number) <= (100 if text.endswith("%") else MAX_WORKERS):
+        value = int(number)
+        return RolloutSpec(percent=value) if text.endswith("%") else RolloutSpec(count=value)
+    raise ConfigError(
+        f"--rollout must be a number of workers from 1 to {MAX_WORKERS} or a percentage "
+        f"from 1% to 100%, not '{text}'",
+        hint="e.g. --rollout 1 (one worker at a time) or --rollout 25%",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RollbackOptions:
-    """--keep-previous, --verify, --verify-interval, --rollback-after (docs/rollback.md)."""
+    """--keep-previous, --verify, --verify-interval, --rollback-after, --rollout
+    (docs/rollback.md)."""
 
     keep_previous_s: float = 0.0
     verify: VerifySpec | None = None
     verify_interval_s: float = 1.0
     rollback_after: int = 3
+    rollout: RolloutSpec = RolloutSpec()  # --rollout
 
     def __post_init__(self) -> None:
         if self.verify is not None and self.keep_previous_s <= 0:
