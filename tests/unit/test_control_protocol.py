@@ -46,7 +46,7 @@ def sent(data: bytes) -> dict[str, Any]:
 # -- parse_request: what it accepts ---------------------------------------------------------
 
 
-def test_the_protocol_is_version_1_with_six_commands() -> None:
+def test_the_protocol_is_version_1_with_eight_commands() -> None:
     assert VERSION == 1
     assert [command.value for command in Command] == [
         "status",
@@ -55,6 +55,8 @@ def test_the_protocol_is_version_1_with_six_commands() -> None:
         "scale",
         "upgrade",
         "probe",
+        "rollback",
+        "promote",
     ]
 
 
@@ -208,13 +210,13 @@ def test_an_unknown_command_is_refused_naming_it_and_listing_the_commands(
 ) -> None:
     refused = refusal(line({"v": 1, "cmd": command}))
     assert refused.message == f"unknown command {shown}"
-    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe"
+    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"
 
 
 def test_a_missing_command_is_refused_as_an_unknown_one() -> None:
     refused = refusal(line({"v": 1}))
     assert refused.message == "unknown command None"
-    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe"
+    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"
 
 
 @pytest.mark.parametrize("wait", [1, 0, "yes", "true", None, [], {}])
@@ -311,5 +313,18 @@ def test_a_refusal_becomes_the_documented_error_line() -> None:
     assert refused.hint  # given for an unknown command
     assert error_line(refused.message, refused.hint) == (
         b'{"v": 1, "type": "error", "error": "unknown command \'relaod\'", '
-        b'"hint": "commands: status, reload, stop, scale, upgrade, probe"}\n'
+        b'"hint": "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"}\n'
     )
+
+
+def test_reload_takes_verify_and_canary_checked() -> None:
+    request = parse_request(b'{"v": 1, "cmd": "reload", "verify": true, "canary": 2}')
+    assert (request.verify, request.canary, request.wait) == (True, 2, True)
+    for bad, why in [
+        (b'{"v": 1, "cmd": "reload", "verify": 1}', '"verify" must be true or false'),
+        (b'{"v": 1, "cmd": "reload", "canary": -1}', '"canary" must be a whole number'),
+        (b'{"v": 1, "cmd": "reload", "canary": true}', '"canary" must be a whole number'),
+        (b'{"v": 1, "cmd": "reload", "verify": true, "wait": false}', "it needs"),
+    ]:
+        with pytest.raises(BadRequest, match=why):
+            parse_request(bad)

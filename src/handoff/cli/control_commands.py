@@ -1,5 +1,5 @@
-"""``handoff reload``, ``status``, ``stop``, ``scale``, ``upgrade`` and ``probe``: control
-clients.
+"""``handoff reload``, ``rollback``, ``promote``, ``status``, ``stop``, ``scale``,
+``upgrade`` and ``probe``: control clients.
 
 Failures raise HandoffError; the CLI group prints them as
 ``handoff: error: …`` with a hint and exits with their code.
@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
 
 from handoff.cli.control_client import exchange, locate, wait_for_exit
+from handoff.cli.status_view import last_output, render_status
 from handoff.errors import HandoffError
 from handoff.formats.options import MAX_WORKERS, MIN_WORKERS
 
@@ -49,13 +50,23 @@ def _waiting(what: str) -> Callable[[F], F]:
         command = click.option(
             "--timeout",
             type=click.FloatRange(min=0.1),
-            default=120.0,
-            show_default=True,
-            help="Seconds to wait for the result.",
+            default=None,
+            help=f"Seconds to wait for the result. Default {DEFAULT_TIMEOUT_S:g} (with "
+            "--verify: as long as the window lasts).",
         )(command)
         return click.option("--wait/--no-wait", default=True, show_default=True, help=what)(command)
 
     return add
+
+
+DEFAULT_TIMEOUT_S: Final = 120.0
+_WINDOW_TIMEOUT_S: Final = 7 * 24 * 3600.0  # the master answers when the window ends
+
+
+def _timeout(given: float | None, *, long: bool = False) -> float:
+    if given is not None:
+        return given
+    return _WINDOW_TIMEOUT_S if long else DEFAULT_TIMEOUT_S
 
 
 def _path(control: str | None, pidfile: str | None, name: str | None) -> str:
@@ -71,13 +82,36 @@ def _fail_on_error(line: Mapping[str, object]) -> None:
 
 @click.command()
 @_waiting("Stream progress and wait until the new generation serves or fails.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="With --keep-previous: wait through the window too; exit 1 if it was rolled back.",
+)
+@click.option(
+    "--canary",
+    metavar="K",
+    type=click.IntRange(min=1, max=MAX_WORKERS),
+    default=None,
+    help="Start K new workers beside the old ones (both serve; the kernel picks who "
+    "accepts), then wait for 'handoff promote' or 'handoff rollback'.",
+)
 @_locating
 def reload(
-    wait: bool, timeout: float, control: str | None, pidfile: str | None, name: str | None
+    *,
+    wait: bool,
+    timeout: float | None,
+    verify: bool,
+    canary: int | None,
+    control: str | None,
+    pidfile: str | None,
+    name: str | None,
 ) -> int:
     """Reload: start a new generation; exit 0 once it serves, 1 if it failed."""
+    if verify and not wait:
+        raise HandoffError("--verify waits for the window: it cannot go with --no-wait")
     path = _path(control, pidfile, name)
-    for line in exchange(path, {"cmd": "reload", "wait": wait}, timeout):
+    request = {"cmd": "reload", "wait": wait, "verify": verify, "canary": canary or 0}
+    for line in exchange(path, request, _timeout(timeout, long=verify)):
         _fail_on_error(line)
         if line.get("type") == "progress":
             click.echo(f"  {line.get('message')}")
@@ -85,19 +119,104 @@ def reload(
             if not wait:
                 click.echo(f"reload {line.get('accepted')}")
                 return 0
-            if line.get("ok"):
-                gen, duration = line.get("gen"), line.get("duration_s")
-                click.echo(f"reload succeeded: generation {gen} serving ({duration} s)")
-                return 0
-            output = last_output(line)
-            for shown in output:
-                click.echo(shown, err=True)  # under systemd: in the journal, in `status`
-            raise HandoffError(
-                f"reload failed: {line.get('reason')}",
-                hint="the old generation is still serving; the worker's last output is "
-                + ("above" if output else "in the master's log"),
-            )
+            return _reload_result(line)
     raise HandoffError("the master closed the connection before the reload ended")
+
+
+def _reload_result(line: Mapping[str, object]) -> int:
+    gen = line.get("gen")
+    if line.get("canary"):
+        click.echo(
+            f"canary serving: generation {gen}, {line.get('workers')} workers beside "
+            f"generation {line.get('beside')}; now 'handoff promote' or 'handoff rollback'"
+        )
+        return 0
+    if line.get("confirmed"):
+        click.echo(
+            f"reload confirmed: generation {gen} served through the window "
+            f"({line.get('checks')} checks passed); generation {line.get('previous')} drains"
+        )
+        return 0
+    if line.get("rolled_back"):
+        raise HandoffError(
+            f"reload {line.get('reason')}",
+            hint=f"generation {line.get('to')} serves again; see 'handoff status' and the log",
+        )
+    if line.get("ok"):
+        click.echo(f"reload succeeded: generation {gen} serving ({line.get('duration_s')} s)")
+        return 0
+    output = last_output(line)
+    for shown in output:
+        click.echo(shown, err=True)  # under systemd: in the journal, in `status`
+    raise HandoffError(
+        f"reload failed: {line.get('reason')}",
+        hint="the old generation is still serving; the worker's last output is "
+        + ("above" if output else "in the master's log"),
+    )
+
+
+@click.command()
+@_waiting("Wait until the rollback is done (a restart: until the generation serves).")
+@_locating
+def rollback(
+    wait: bool, timeout: float | None, control: str | None, pidfile: str | None, name: str | None
+) -> int:
+    """Roll back to the previous generation: put its parked workers back on the socket
+    (--keep-previous), or start its release again; undo a reload, canary or rollout in
+    progress. Exit 0 once the previous generation serves, 1 if it could not."""
+    path = _path(control, pidfile, name)
+    for line in exchange(path, {"cmd": "rollback", "wait": wait}, _timeout(timeout)):
+        _fail_on_error(line)
+        if line.get("type") == "progress":
+            click.echo(f"  {line.get('message')}")
+        elif line.get("type") == "result":
+            return _rollback_result(line)
+    raise HandoffError("the master closed the connection before the rollback ended")
+
+
+_PATHS: Final = {
+    "reattach": "its parked workers put back on the socket",
+    "restart": "its release started again",
+    "cancel": "the reload in progress undone",
+}
+
+
+def _rollback_result(line: Mapping[str, object]) -> int:
+    path, gen = str(line.get("path")), line.get("gen")
+    if line.get("accepted"):
+        click.echo(f"rollback started: {_PATHS.get(path, path)} as generation {gen}")
+        return 0
+    if line.get("ok"):
+        click.echo(
+            f"rolled back ({path}): generation {gen} serving, {_PATHS.get(path, path)} "
+            f"({line.get('duration_s')} s); generation {line.get('from')} drains"
+        )
+        return 0
+    raise HandoffError(
+        f"rollback failed ({path}): {line.get('reason')}",
+        hint="the generation that served before the rollback still serves",
+    )
+
+
+@click.command()
+@_waiting("Wait until the promoted generation serves (or fails).")
+@_locating
+def promote(
+    wait: bool, timeout: float | None, control: str | None, pidfile: str | None, name: str | None
+) -> int:
+    """Promote the canary: start the rest of its workers; once all are ready it replaces
+    the old generation, as a reload does. Exit 0 once it serves, 1 if it failed."""
+    path = _path(control, pidfile, name)
+    for line in exchange(path, {"cmd": "promote", "wait": wait}, _timeout(timeout)):
+        _fail_on_error(line)
+        if line.get("type") == "progress":
+            click.echo(f"  {line.get('message')}")
+        elif line.get("type") == "result":
+            if not wait:
+                click.echo(f"promoted: generation {line.get('gen')} grows to {line.get('workers')}")
+                return 0
+            return _reload_result(line)
+    raise HandoffError("the master closed the connection before the promote ended")
 
 
 @click.command()
@@ -161,7 +280,7 @@ def scale(workers: int, control: str | None, pidfile: str | None, name: str | No
 @_waiting("Wait until the master runs the new code (or the pre-flight failed).")
 @_locating
 def upgrade(
-    wait: bool, timeout: float, control: str | None, pidfile: str | None, name: str | None
+    wait: bool, timeout: float | None, control: str | None, pidfile: str | None, name: str | None
 ) -> int:
     """Upgrade the master itself to the handoff installed now: same pid, workers untouched.
 
@@ -169,7 +288,7 @@ def upgrade(
     Exit 0 once the master runs it, 1 if the pre-flight failed (the old master runs on).
     """
     path = _path(control, pidfile, name)
-    for line in exchange(path, {"cmd": "upgrade", "wait": wait}, timeout):
+    for line in exchange(path, {"cmd": "upgrade", "wait": wait}, _timeout(timeout)):
         _fail_on_error(line)
         if line.get("type") != "result":
             continue
@@ -219,48 +338,3 @@ def probe(
             return 0
         raise HandoffError(f"not ready: {line.get('reason')}")
     raise HandoffError("the master sent no answer")
-
-
-def last_output(result: Mapping[str, object]) -> list[str]:
-    """The failing worker's last lines in a reload's result (``output``), indented under a
-    heading that names it; none if the master did not read them (direct output)."""
-    output = result.get("output")
-    if not isinstance(output, list) or not output:
-        return []
-    who = f"worker {result.get('worker')} (pid {result.get('pid')})" if "pid" in result else ""
-    heading = f"  last output of {who or 'the worker'}, generation {result.get('gen')}:"
-    return [heading, *(f"  | {text}" for text in output)]
-
-
-def render_status(report: Mapping[str, Any]) -> str:
-    """The status as a readable table."""
-    master = report["master"]
-    sockets = ", ".join(s["address"] for s in master["sockets"])
-    lines = [
-        f"master   pid {master['pid']}  {master['name']}  {master['state']}  "
-        f"up {master['uptime_s']:.0f} s  ready={master['ready']}  workers={master['workers']}",
-        f"sockets  {sockets}",
-        f"control  {master['control']}",
-    ]
-    last = report.get("last_reload")
-    if last:
-        outcome = "ok" if last["ok"] else f"failed: {last['reason']}"
-        lines.append(f"reload   generation {last['gen']} {outcome} ({last['duration_s']} s)")
-        lines.extend(last_output(last))
-    lines.append("")
-    lines.append(
-        f"{'gen':>4} {'state':<9} {'worker':>6} {'pid':>8} {'state':<9} {'age s':>8} "
-        f"{'cpu s':>7} {'rss MiB':>8} {'conns':>6} {'procs':>5}"
-    )
-    for gen in report["generations"]:
-        for worker in gen["workers"] or [None]:
-            if worker is None:
-                lines.append(f"{gen['gen']:>4} {gen['state']:<9} {'-':>6}")
-                continue
-            lines.append(
-                f"{gen['gen']:>4} {gen['state']:<9} {worker['worker']:>6} {worker['pid']:>8} "
-                f"{worker['state']:<9} {worker['age_s']:>8.1f} {worker['cpu_s']:>7.2f} "
-                f"{worker['rss_bytes'] / 1048576:>8.1f} {worker['connections']:>6} "
-                f"{worker['processes']:>5}"
-            )
-    return "\n".join(lines)

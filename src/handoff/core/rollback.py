@@ -106,6 +106,20 @@ def refusal(self: Supervisor) -> str | None:
     return None
 
 
+def next_path(self: Supervisor) -> tuple[str, GenId | None]:
+    """What a rollback would do now: its path and the generation that would serve (or
+    start, for a restart: the one whose release it runs); ("", None) if it is refused."""
+    serving = self.generation_in(GenerationState.ACTIVE)
+    if refusal(self) is not None or serving is None:
+        return "", None
+    if self.state is MasterState.RELOADING:
+        return "cancel", serving.id
+    parked = _parked(self)
+    if parked is not None:
+        return "reattach", parked.id
+    return "restart", self._gens.previous_release
+
+
 def request(self: Supervisor, source: str, reason: str, now: float, out: list[act.Action]) -> None:
     """Roll back, on the reattach path if a parked worker is left, else the restart path."""
     why = refusal(self)

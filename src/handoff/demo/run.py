@@ -192,7 +192,7 @@ def run_demo(
 def _status_table(control: str) -> str:
     """What `handoff status` prints, asked over the same control socket."""
     from handoff.cli.control_client import exchange  # noqa: PLC0415
-    from handoff.cli.control_commands import render_status  # noqa: PLC0415
+    from handoff.cli.status_view import render_status  # noqa: PLC0415
 
     for line in exchange(control, {"cmd": "status"}, 10.0):
         report = line.get("status")

@@ -26,6 +26,8 @@ class Command(StrEnum):
     SCALE = "scale"
     UPGRADE = "upgrade"
     PROBE = "probe"  # handoff probe: live, and ready as /readyz says
+    ROLLBACK = "rollback"  # back to the previous generation (docs/rollback.md)
+    PROMOTE = "promote"  # the canary becomes the reload
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +35,8 @@ class Request:
     command: Command
     wait: bool = True
     workers: int = 0
+    verify: bool = False  # reload: wait through the --keep-previous window too
+    canary: int = 0  # reload: start this many new workers beside the old ones
 
 
 class BadRequest(HandoffError):
@@ -74,8 +78,20 @@ def parse_request(line: bytes) -> Request:
         or not MIN_WORKERS <= workers <= MAX_WORKERS
     ):
         raise BadRequest(f'"workers" must be a whole number from {MIN_WORKERS} to {MAX_WORKERS}')
+    verify = data.get("verify", False)
+    if not isinstance(verify, bool):
+        raise BadRequest('"verify" must be true or false')
+    canary = data.get("canary", 0)
+    if not isinstance(canary, int) or isinstance(canary, bool) or not 0 <= canary <= MAX_WORKERS:
+        raise BadRequest(f'"canary" must be a whole number from 0 to {MAX_WORKERS}')
+    if verify and not wait:
+        raise BadRequest('"verify" waits for the window: it needs "wait": true')
     return Request(
-        command=Command(command), wait=wait, workers=workers if isinstance(workers, int) else 0
+        command=Command(command),
+        wait=wait,
+        workers=workers if isinstance(workers, int) else 0,
+        verify=verify,
+        canary=canary,
     )
 
 

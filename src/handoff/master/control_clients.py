@@ -1,6 +1,7 @@
-"""Control clients that wait: for the next reload to start, for a reload's result, for an
-upgrade's result. Kept apart from the request handling so that a re-exec can hand the
-waiting ones over (``records``) and take them back (``place``) in one place.
+"""Control clients that wait: for the next reload to start, for a reload's result (and its
+--keep-previous window), for a rollback's or an upgrade's result. Kept apart from the
+request handling so that a re-exec can hand the waiting ones over (``records``) and take
+them back (``place``) in one place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Client:
     answered: bool = False  # the request was read; nothing more is read from it
     closing: bool = False  # close once the outbox is flushed
     wants_write: bool = False
+    verify: bool = False  # reload --verify: answered at the end of the window
+    rolled_back: dict[str, object] | None = None  # a rollback's restart it waits for
 
 
 class Awaits(StrEnum):
@@ -45,6 +48,9 @@ class Waiting:
         self.next_reload: list[Client] = []
         self.reloads: dict[GenId, list[Client]] = {}
         self.upgrades: list[Client] = []
+        # Not handed over across a re-exec (its window, or restart, is not carried):
+        self.verifying: dict[GenId, list[Client]] = {}  # reload --verify, by generation
+        self.rollbacks: dict[GenId, list[Client]] = {}  # a rollback's restart, by generation
 
     def reload_started(self, gen: GenId) -> None:
         self.reloads.setdefault(gen, []).extend(self.next_reload)
@@ -56,9 +62,10 @@ class Waiting:
     def forget(self, client: Client) -> None:
         self.next_reload = [c for c in self.next_reload if c is not client]
         self.upgrades = [c for c in self.upgrades if c is not client]
-        for clients in self.reloads.values():
-            if client in clients:
-                clients.remove(client)
+        for waiting in (self.reloads, self.verifying, self.rollbacks):
+            for clients in waiting.values():
+                if client in clients:
+                    clients.remove(client)
 
     def records(self) -> list[ClientRecord]:
         """The waiting clients, to hand over across a re-exec (a client whose last line

@@ -18,12 +18,12 @@ from typing import Final, Protocol, assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
-from handoff.core.model import Generation, GenId, MasterState
-from handoff.core.policy import ReloadOutcome
+from handoff.core.model import MasterState
 from handoff.formats.control_protocol import (
     MAX_LINE,
     BadRequest,
     Command,
+    Request,
     encode,
     error_line,
     parse_request,
@@ -31,11 +31,11 @@ from handoff.formats.control_protocol import (
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
 from handoff.master.client_deadlines import ClientDeadlines
-from handoff.master.control_clients import Client, Placement, Waiting
-from handoff.master.health_server import HealthView, not_ready
+from handoff.master.control_answers import Answers, MasterView
+from handoff.master.control_clients import Client
+from handoff.master.health_server import not_ready
 from handoff.master.holdings import Holdings
 from handoff.master.logs import emit
-from handoff.master.reload_progress import PROGRESS_EVENTS, progress_message
 from handoff.master.resume_state import ClientRecord
 from handoff.master.sources import Source, Sources, Watch
 from handoff.system.runtime_files import FileId, close_unix_socket
@@ -44,26 +44,6 @@ from handoff.system.sockets import bind_control_socket, peer_credentials, peer_g
 MAX_CLIENTS: Final = 64
 MAX_OUTPUT: Final = 1 << 20
 REQUEST_DEADLINE_S: Final = 5.0
-_INTERRUPTED: Final = "interrupted: the master re-executed itself; see 'handoff status'"
-_ACCEPTED: Final = {
-    EventName.RELOAD_REQUESTED: "started",
-    EventName.RELOAD_QUEUED: "queued",
-    EventName.RELOAD_REFUSED: "refused",
-}
-
-
-class MasterView(HealthView, Protocol):
-    """What the control server reads of the machine's state (``Supervisor`` is one)."""
-
-    @property
-    def workers_target(self) -> int: ...
-
-    @property
-    def last_reload(self) -> ReloadOutcome | None: ...
-
-    def generation(self, gen: GenId) -> Generation | None: ...
-
-    def reloading(self) -> GenId | None: ...
 
 
 class ControlledMaster(Protocol):
@@ -129,7 +109,7 @@ class ControlServer:
         self._clock = clock
         self._clients: dict[int, Client] = {}
         self._deadlines = ClientDeadlines(clock)
-        self._waiting = Waiting()
+        self._answers = Answers(lambda: master.view, self._send, self._finish)
         self._file: FileId | None = None  # after a re-exec: the kernel is asked at close
         if listening is not None:
             self._sock = listening
@@ -192,27 +172,8 @@ class ControlServer:
             self._read(fd, client)
 
     def on_report(self, report: act.Report) -> None:
-        """Route reload progress and results to waiting clients, reading the machine's state."""
-        view = self._master.view
-        match report.event:
-            case EventName.RELOAD_REQUESTED:
-                started = view.reloading()
-                if started is not None:
-                    self._waiting.reload_started(started)
-            case EventName.RELOAD_SUCCEEDED | EventName.RELOAD_FAILED:
-                outcome = view.last_reload
-                if outcome is not None:
-                    for client in self._waiting.reloads.pop(outcome.gen, []):
-                        self._finish(client, _outcome_line(outcome, report.fields))
-            case EventName.MASTER_STOPPING | EventName.MASTER_LEAVING:
-                waiting, self._waiting.next_reload = self._waiting.next_reload, []
-                for client in waiting:
-                    self._finish(
-                        client, encode("result", ok=False, reason="cancelled: master stopping")
-                    )
-            case _:
-                pass
-        self._progress(report)
+        """Route progress and results to the clients waiting for them."""
+        self._answers.on_report(report)
 
     def handover(self) -> tuple[int, tuple[ClientRecord, ...]]:
         """The listening socket and the waiting clients, to hand over across a re-exec."""
@@ -220,13 +181,12 @@ class ControlServer:
 
     def waiting_clients(self) -> list[ClientRecord]:
         """The clients waiting for a result, to hand over across a re-exec."""
-        return self._waiting.records()
+        return self._answers.waiting.records()
 
     def adopt_clients(self, records: Sequence[ClientRecord]) -> None:
         """Take back the waiting clients a re-exec handed over, once the machine has taken
         over: a reload that ended meanwhile is answered now, one that did not survive the
         re-exec is answered as interrupted."""
-        view = self._master.view
         for record in records:
             try:
                 sock = socket.socket(fileno=record.fd)
@@ -237,20 +197,11 @@ class ControlServer:
             client = Client(sock, deadline=float("inf"), answered=True)
             self._clients[record.fd] = client
             self._watch(record.fd, write=False)
-            last = view.last_reload
-            placed = self._waiting.place(
-                client, record, running=view.reloading(), last=last, state=view.state
-            )
-            if placed is Placement.ANSWER_LAST and last is not None:
-                self._finish(client, _outcome_line(last))
-            elif placed is Placement.INTERRUPTED:
-                self._finish(client, encode("result", ok=False, reason=_INTERRUPTED))
+            self._answers.place(client, record)
 
     def upgrade_finished(self, **fields: object) -> None:
         """Answer the clients waiting for the upgrade (fields: ok, and what else to say)."""
-        clients, self._waiting.upgrades = self._waiting.upgrades, []
-        for client in clients:
-            self._finish(client, encode("result", pid=os.getpid(), **fields))
+        self._answers.upgrade_finished(pid=os.getpid(), **fields)
 
     def close(self) -> None:
         for fd, client in list(self._clients.items()):
@@ -288,6 +239,9 @@ class ControlServer:
         except BadRequest as exc:
             self._fail(fd, client, exc.message, exc.hint)
             return
+        self._dispatch(fd, client, request)
+
+    def _dispatch(self, fd: int, client: Client, request: Request) -> None:
         match request.command:
             case Command.STATUS:
                 self._finish(client, encode("result", ok=True, status=self._master.status()))
@@ -308,45 +262,35 @@ class ControlServer:
                     workers = self._master.view.workers_target
                     self._finish(client, encode("result", ok=True, workers=workers, was=was))
             case Command.RELOAD:
-                self._reload(fd, client, wait=request.wait)
+                self._reload(
+                    fd, client, wait=request.wait, verify=request.verify, canary=request.canary
+                )
+            case Command.ROLLBACK:
+                answer = self._master.submit(ev.RollbackRequested(source="control"))
+                self._answers.rollback(client, answer, wait=request.wait)
+            case Command.PROMOTE:
+                answer = self._master.submit(ev.PromoteRequested(source="control"))
+                self._answers.promote(client, answer, wait=request.wait)
             case Command.UPGRADE:
                 reason = self._master.upgrade("control")
                 if reason is not None:
                     self._fail(fd, client, reason)
                 elif request.wait:
-                    self._waiting.upgrades.append(client)
+                    self._answers.waiting.upgrades.append(client)
                 else:
                     self._finish(client, encode("result", ok=True, accepted="started"))
             case _:
                 assert_never(request.command)
 
-    def _reload(self, fd: int, client: Client, *, wait: bool) -> None:
+    def _reload(self, fd: int, client: Client, *, wait: bool, verify: bool, canary: int) -> None:
         if self._master.view.state in (MasterState.STOPPING, MasterState.LEAVING):
             self._fail(fd, client, "the master is stopping", "a stopping master does not reload")
             return
+        client.verify = verify
         if wait:
-            self._waiting.next_reload.append(client)
-        answer = self._master.submit(ev.ReloadRequested(source="control"))
-        if not wait:
-            accepted = next((_ACCEPTED[r.event] for r in answer if r.event in _ACCEPTED), "queued")
-            self._finish(client, encode("result", ok=True, accepted=accepted))
-
-    def _progress(self, report: act.Report) -> None:
-        gen = report.fields.get("gen")
-        reloads = self._waiting.reloads
-        if report.event not in PROGRESS_EVENTS or not reloads or not isinstance(gen, int):
-            return
-        message = progress_message(report, self._master.view.generation(GenId(gen)))
-        if message is None:
-            return
-        line = encode("progress", event=report.event.value, gen=gen, message=message)
-        if report.event is EventName.GENERATION_DRAINING:
-            # The old generation's draining belongs to the reload in progress.
-            targets = self._waiting.all_reloads()
-        else:
-            targets = list(reloads.get(GenId(gen), []))
-        for client in targets:
-            self._send(client, line)
+            self._answers.waiting.next_reload.append(client)
+        answer = self._master.submit(ev.ReloadRequested(source="control", canary=canary))
+        self._answers.reload(client, answer, wait=wait)
 
     # -- output and teardown -----------------------------------------------------------
 
@@ -390,7 +334,7 @@ class ControlServer:
         client = self._clients.pop(fd, None)
         if client is None:
             return
-        self._waiting.forget(client)
+        self._answers.waiting.forget(client)
         self._sources.unwatch(fd)
         client.sock.close()
         if self._deadlines.paused_until is not None:
@@ -405,15 +349,3 @@ def _allowed(sock: socket.socket, group: int | None) -> bool:
     if uid in (0, os.geteuid()):
         return True
     return group is not None and (gid == group or group in peer_groups(sock, pid))
-
-
-def _outcome_line(outcome: ReloadOutcome, reported: Mapping[str, object] | None = None) -> bytes:
-    """reported: the fields of the reload's report; a failed one's worker, pid and output
-    (the failing worker's last lines, bounded: formats/worker_lines.py) are passed on."""
-    result: dict[str, object] = {"gen": outcome.gen, "duration_s": outcome.duration_s}
-    if not outcome.ok:
-        result["reason"] = outcome.reason
-        for key in ("worker", "pid", "output"):
-            if reported is not None and key in reported:
-                result[key] = reported[key]
-    return encode("result", ok=outcome.ok, **result)

@@ -25,7 +25,8 @@ from handoff.core.snapshot import MachineSnapshot
 from handoff.core.timers import Timers
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
-from handoff.master.control_server import ControlServer, MasterView, open_control
+from handoff.master.control_answers import MasterView
+from handoff.master.control_server import ControlServer, open_control
 from handoff.master.health_server import open_health
 from handoff.master.holdings import Carried, Holdings
 from handoff.master.listener_closing import at_stop

@@ -16,6 +16,7 @@ from typing import Final, Protocol
 
 from handoff.core import actions as act
 from handoff.core.model import Generation, GenerationState, GenId, MasterState, WorkerState
+from handoff.core.rollback import AUTOMATIC
 from handoff.formats.log_events import EventName
 from handoff.system.listen_queue import accept_queue, listen_drops
 from handoff.system.process_tree import tree_usage
@@ -43,9 +44,16 @@ COUNTED: Final[Mapping[EventName, str]] = {
     EventName.WORKER_RESPAWN_SCHEDULED: "respawns",
     EventName.WORKER_CRASH_LOOP: "crash_loops",
     EventName.WORKER_KILLED: "workers_killed",
+    EventName.RELOAD_CONFIRMED: "reloads_confirmed",
+    EventName.VERIFY_FAILED: "verify_failures",
 }
-# worker.detached, counted by its path (the detach's outcome).
+# Events counted by their path field: the family's stored prefix, and the paths.
 DETACH_PATHS: Final = ("epoll", "signal-only")
+ROLLBACK_PATHS: Final = ("reattach", "restart", "cancel")
+BY_PATH: Final[Mapping[EventName, tuple[str, tuple[str, ...]]]] = {
+    EventName.WORKER_DETACHED: ("workers_detached", DETACH_PATHS),
+    EventName.RELOAD_ROLLED_BACK: ("rollbacks", ROLLBACK_PATHS),
+}
 # Events whose duration_s goes into a histogram, and the histogram's stored name.
 TIMED: Final[Mapping[EventName, str]] = {
     EventName.RELOAD_SUCCEEDED: "reload_seconds",
@@ -62,13 +70,15 @@ def _sum_key(histogram: str) -> str:
     return f"{histogram}_sum_ms"
 
 
-def _detached_key(path: str) -> str:
-    return f"workers_detached_{path}"
+def _path_key(prefix: str, path: str) -> str:
+    return f"{prefix}_{path}"
 
 
 def _stored_names() -> Iterator[str]:
     yield from COUNTED.values()
-    yield from map(_detached_key, DETACH_PATHS)
+    yield "rollbacks_automatic"
+    for prefix, paths in BY_PATH.values():
+        yield from (_path_key(prefix, path) for path in paths)
     for histogram in TIMED.values():
         yield _sum_key(histogram)
         yield from (_bucket_key(histogram, i) for i in range(len(BUCKETS) + 1))
@@ -95,8 +105,14 @@ class EventCounts:
         if name is not None:
             self._store[name] += 1
         path = report.fields.get("path")
-        if report.event is EventName.WORKER_DETACHED and path in DETACH_PATHS:
-            self._store[_detached_key(str(path))] += 1
+        prefix, paths = BY_PATH.get(report.event, ("", ()))
+        if path in paths:
+            self._store[_path_key(prefix, str(path))] += 1
+        if (
+            report.event is EventName.RELOAD_ROLLED_BACK
+            and report.fields.get("source") == AUTOMATIC
+        ):
+            self._store["rollbacks_automatic"] += 1
         histogram = TIMED.get(report.event)
         duration = report.fields.get("duration_s")
         if histogram is not None and isinstance(duration, int | float):
@@ -139,6 +155,7 @@ def _families(
     reloads = CounterMetricFamily("handoff_reloads", "Reloads by outcome.", labels=["outcome"])
     reloads.add_metric(["succeeded"], counts.get("reloads_succeeded"))
     reloads.add_metric(["failed"], counts.get("reloads_failed"))
+    reloads.add_metric(["confirmed"], counts.get("reloads_confirmed"))  # the window passed
     yield reloads
     yield _histogram(
         counts,
@@ -156,8 +173,12 @@ def _families(
         "handoff_workers_detached", "Old workers taken off the sockets, by path.", labels=["path"]
     )
     for path in DETACH_PATHS:
-        detached.add_metric([path], counts.get(_detached_key(path)))
+        detached.add_metric([path], counts.get(_path_key("workers_detached", path)))
     yield detached
+    rollbacks = CounterMetricFamily("handoff_rollbacks", "Rollbacks, by path.", labels=["path"])
+    for path in ROLLBACK_PATHS:
+        rollbacks.add_metric([path], counts.get(_path_key("rollbacks", path)))
+    yield rollbacks
     for name, help_text, key in (
         ("handoff_worker_respawns", "Workers respawned after a crash.", "respawns"),
         ("handoff_worker_crash_loops", "Worker slots given up on (crash loop).", "crash_loops"),
@@ -168,8 +189,15 @@ def _families(
         ),
         ("handoff_log_lines_dropped", "Log lines dropped (slow reader).", "log_lines_dropped"),
         ("handoff_master_reexecs", "Re-executions of the master in place.", "reexecs"),
+        (
+            "handoff_rollbacks_automatic",
+            "Rollbacks handoff decided itself (crashes, --verify).",
+            "rollbacks_automatic",
+        ),
+        ("handoff_verify_failures", "Failed --verify checks.", "verify_failures"),
     ):
-        value = counts.get(key) if key in COUNTED.values() else counters.get(key, 0)
+        ours = key in COUNTED.values() or key == "rollbacks_automatic"
+        value = counts.get(key) if ours else counters.get(key, 0)
         yield CounterMetricFamily(name, help_text, value=value)
     state = GaugeMetricFamily("handoff_master_state", "The master's state.", labels=["state"])
     for each in MasterState:

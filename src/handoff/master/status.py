@@ -11,8 +11,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 from handoff import __version__
+from handoff.core import rollback
 from handoff.core.machine import Supervisor
-from handoff.core.model import GenerationState
+from handoff.core.model import Generation, GenerationState
 from handoff.core.policy import ReloadOutcome
 from handoff.formats.options import RunConfig
 from handoff.formats.worker_contract import FIRST_LISTEN_FD
@@ -61,6 +62,7 @@ def build_status(
                 "age_s": round(now - gen.started_at, 1),
                 "size": gen.size,
                 "workers": workers,
+                **_progressive(gen, now),
             }
         )
     last = machine.last_reload
@@ -83,7 +85,38 @@ def build_status(
         },
         "generations": generations,
         "last_reload": None if last is None else _last_reload(last, last_failure),
+        "rollback": _rollback(machine),
     }
+
+
+def _progressive(gen: Generation, now: float) -> dict[str, object]:
+    """A generation's part in a rollback or a progressive reload, where it has one."""
+    shown: dict[str, object] = {}
+    if gen.parked_until is not None:
+        shown["parked_for_s"] = round(max(0.0, gen.parked_until - now), 1)
+    if gen.canary:
+        shown["canary"] = True
+    if gen.admitted is not None:
+        shown["admitted"] = gen.admitted  # --rollout: the slots asked for so far
+    if gen.release_of is not None:
+        shown["release_of"] = gen.release_of
+    return shown
+
+
+def _rollback(machine: Supervisor) -> dict[str, object]:
+    """What ``handoff rollback`` would do now, and the window under way (docs/rollback.md)."""
+    path, to = rollback.next_path(machine)
+    shown: dict[str, object] = {"path": path or None, "to": to}
+    window = machine.window
+    if window is not None:
+        shown["window"] = {
+            "serving": window.serving,
+            "parked": window.parked,
+            "checks": window.checks,
+            "failures": window.failures,
+            "crashes": window.crashes,
+        }
+    return shown
 
 
 def _last_reload(last: ReloadOutcome, failure: LastWords | None) -> dict[str, object]:

@@ -41,6 +41,12 @@ def status_text(machine: Supervisor) -> str:
         )
     if machine.state is MasterState.LEAVING:
         return f"leaving (shutdown delay, then drain): {serving}"
+    parked = machine.generation_in(GenerationState.PARKED)
+    if parked is not None:
+        serving += f"; generation {parked.id} parked for a rollback"
+    starting = machine.generation_in(GenerationState.STARTING)
+    if starting is not None and starting.canary:
+        serving += f"; canary generation {starting.id}: {starting.ready_count()} ready"
     last = machine.last_reload
     if last is None:
         return serving
