@@ -24,7 +24,10 @@ def test_protocol_lines_are_as_documented(tmp_path: Path) -> None:
         start(master, control)
         (error,) = request(control, {"v": 1, "cmd": "relaod"})
         assert error["error"] == "unknown command 'relaod'", error
-        assert error["hint"] == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote", error
+        assert (
+            error["hint"]
+            == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"
+        ), error
 
         replies = request(control, {"v": 1, "cmd": "reload", "wait": True})
         *progress, result = replies

@@ -210,13 +210,17 @@ def test_an_unknown_command_is_refused_naming_it_and_listing_the_commands(
 ) -> None:
     refused = refusal(line({"v": 1, "cmd": command}))
     assert refused.message == f"unknown command {shown}"
-    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"
+    assert (
+        refused.hint == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"
+    )
 
 
 def test_a_missing_command_is_refused_as_an_unknown_one() -> None:
     refused = refusal(line({"v": 1}))
     assert refused.message == "unknown command None"
-    assert refused.hint == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"
+    assert (
+        refused.hint == "commands: status, reload, stop, scale, upgrade, probe, rollback, promote"
+    )
 
 
 @pytest.mark.parametrize("wait", [1, 0, "yes", "true", None, [], {}])

@@ -187,9 +187,14 @@ def _rollback_result(line: Mapping[str, object]) -> int:
         click.echo(f"rollback started: {_PATHS.get(path, path)} as generation {gen}")
         return 0
     if line.get("ok"):
+        took = (
+            f"{line.get('duration_s')} s"
+            if line.get("switch_ms") is None
+            else f"switched in {line.get('switch_ms')} ms"
+        )
         click.echo(
             f"rolled back ({path}): generation {gen} serving, {_PATHS.get(path, path)} "
-            f"({line.get('duration_s')} s); generation {line.get('from')} drains"
+            f"({took}); generation {line.get('from')} drains"
         )
         return 0
     raise HandoffError(

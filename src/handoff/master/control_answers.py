@@ -74,8 +74,11 @@ class Answers:
             accepted = next((_ACCEPTED[r.event] for r in reports if r.event in _ACCEPTED), "queued")
             self._finish(client, encode("result", ok=True, accepted=accepted))
 
-    def rollback(self, client: Client, reports: Sequence[act.Report], *, wait: bool) -> None:
-        """A rollback was asked for: answer it, now or (a restart, waited for) once done."""
+    def rollback(
+        self, client: Client, reports: Sequence[act.Report], *, wait: bool, switch_ms: float
+    ) -> None:
+        """A rollback was asked for: answer it, now or (a restart, waited for) once done.
+        switch_ms: how long the master took to act on it (the whole switch, for reattach)."""
         refused = _first(reports, EventName.ROLLBACK_REFUSED)
         rolled = _first(reports, EventName.RELOAD_ROLLED_BACK)
         done = _first(reports, EventName.ROLLBACK_FINISHED)
@@ -83,7 +86,7 @@ class Answers:
             why = "no rollback" if refused is None else refused.fields.get("reason")
             self._finish(client, error_line(f"rollback refused: {why}"))
         elif done is not None:
-            self._finish(client, _rollback_line(done.fields, rolled.fields))
+            self._finish(client, _rollback_line(done.fields, rolled.fields, switch_ms))
         elif not wait:
             fields = rolled.fields
             line = encode(
@@ -219,11 +222,15 @@ def outcome_line(outcome: ReloadOutcome, reported: Mapping[str, object] | None =
     return encode("result", ok=outcome.ok, **result)
 
 
-def _rollback_line(done: Mapping[str, object], rolled: Mapping[str, object] | None) -> bytes:
+def _rollback_line(
+    done: Mapping[str, object], rolled: Mapping[str, object] | None, switch_ms: float | None = None
+) -> bytes:
     """A rollback's result: ok, the path, the generation serving now, where it came from."""
     fields = {k: done[k] for k in ("path", "gen", "duration_s", "reason") if k in done}
     if rolled is not None:
         fields["from"] = rolled.get("gen")
+    if switch_ms is not None:
+        fields["switch_ms"] = switch_ms
     return encode("result", ok=bool(done.get("ok")), **fields)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol, assert_never
 
@@ -266,8 +267,11 @@ class ControlServer:
                     fd, client, wait=request.wait, verify=request.verify, canary=request.canary
                 )
             case Command.ROLLBACK:
+                # Every action of the switch runs inside submit: its time is the switch's.
+                began = time.perf_counter()
                 answer = self._master.submit(ev.RollbackRequested(source="control"))
-                self._answers.rollback(client, answer, wait=request.wait)
+                switch_ms = round((time.perf_counter() - began) * 1000, 3)
+                self._answers.rollback(client, answer, wait=request.wait, switch_ms=switch_ms)
             case Command.PROMOTE:
                 answer = self._master.submit(ev.PromoteRequested(source="control"))
                 self._answers.promote(client, answer, wait=request.wait)
