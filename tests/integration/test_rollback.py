@@ -227,9 +227,9 @@ def test_a_release_whose_verify_endpoint_fails_is_rolled_back(
     with running(command, args=args, env={"VERSION_FILE": str(version)}) as master:
         port = master.wait_ready(60)
         old = gen_pids(master, 1)
-        with Load(port) as load:
+        with Load(port, keepalive=0, fresh=4) as load:
             load.wait_for_requests(100)
-            version.write_text("unhealthy")
+            version.write_text("unhealthy")  # (fresh-only load: see test_rollout.py)
             began = time.monotonic()
             reload = _reload_verify(ctl)
             clients.append(reload)
