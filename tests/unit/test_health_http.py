@@ -167,6 +167,25 @@ def test_counts_carry_over_and_the_histogram_is_cumulative() -> None:
     assert 'handoff_master_state{state="running"} 1.0' in text
 
 
+def test_rollbacks_are_counted_by_path_and_the_automatic_ones_apart() -> None:
+    counts = EventCounts({}, carried={"rollbacks_reattach": 1})
+    counts.on_report(report(EventName.RELOAD_ROLLED_BACK, gen=3, path="reattach", source="control"))
+    counts.on_report(
+        report(EventName.RELOAD_ROLLED_BACK, gen=4, path="restart", source="automatic")
+    )
+    counts.on_report(report(EventName.RELOAD_CONFIRMED, gen=5, previous=4))
+    counts.on_report(report(EventName.VERIFY_FAILED, gen=5, detail="HTTP 500"))
+    view = View(MasterState.RUNNING, [GenerationState.ACTIVE, GenerationState.PARKED])
+    text = render(view, counts, {}, [])[0].decode()
+    assert 'handoff_rollbacks_total{path="reattach"} 2.0' in text
+    assert 'handoff_rollbacks_total{path="restart"} 1.0' in text
+    assert 'handoff_rollbacks_total{path="cancel"} 0.0' in text
+    assert "handoff_rollbacks_automatic_total 1.0" in text
+    assert 'handoff_reloads_total{outcome="confirmed"} 1.0' in text
+    assert "handoff_verify_failures_total 1.0" in text
+    assert 'handoff_generations{state="parked"} 1.0' in text
+
+
 def test_parses_proc_net_netstat() -> None:
     text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: A\nIpExt: 1\n"
     assert parse_netstat(text) == {

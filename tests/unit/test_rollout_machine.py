@@ -277,6 +277,16 @@ def test_promote_without_a_canary_and_a_canary_during_a_reload_are_refused() -> 
     assert "a reload is in progress" in str(report(out, "reload.refused").fields["reason"])
 
 
+def test_a_reload_while_a_canary_waits_is_refused() -> None:
+    loop = canary_loop(1)
+    ready_new(loop)
+
+    out = loop.reload()
+
+    assert "a canary is waiting" in str(report(out, "reload.refused").fields["reason"])
+    assert loop.gen_state(2) is GenerationState.STARTING
+
+
 def test_a_stop_during_a_canary_drains_both() -> None:
     loop = canary_loop(2)
     ready_new(loop)

@@ -240,8 +240,9 @@ class Supervisor:
                 gen = self._gens.next_id
                 out.append(act.report(EventName.RELOAD_REQUESTED, source=source, gen=gen))
                 rollout.start(self, canary, now, out)
-            case MasterState.STARTING | MasterState.RELOADING if canary:
-                why = "a reload is in progress: a canary starts beside a generation serving alone"
+            case MasterState.STARTING | MasterState.RELOADING if why := rollout.reload_refusal(
+                self, canary
+            ):
                 level = Level.WARNING
                 out.append(act.report(EventName.RELOAD_REFUSED, level, source=source, reason=why))
             case MasterState.STARTING | MasterState.RELOADING:

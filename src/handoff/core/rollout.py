@@ -54,6 +54,16 @@ def start(self: Supervisor, canary: int, now: float, out: list[act.Action]) -> N
     self._gens.start(target, now, out, first=first)
 
 
+def reload_refusal(self: Supervisor, canary: int) -> str | None:
+    """Why a reload asked while one is in progress is refused, rather than queued."""
+    starting = self.generation_in(GenerationState.STARTING)
+    if starting is not None and starting.canary:
+        return "a canary is waiting: 'handoff promote' or 'handoff rollback' first"
+    if canary:
+        return "a reload is in progress: a canary starts beside a generation serving alone"
+    return None
+
+
 def step(self: Supervisor, out: list[act.Action]) -> None:
     """After every event: move a rollout in progress on, if its batch is ready."""
     new = self.generation_in(GenerationState.STARTING)
