@@ -273,3 +273,32 @@ def test_a_healthy_release_is_confirmed_at_the_end_of_the_window(
         confirmed = master.wait_for("reload.confirmed")
         assert confirmed["checks"] >= 3
         master.wait_for("generation.gone", 30, where=lambda e: e["gen"] == 1)
+
+
+@pytest.mark.timeout(120)
+def test_an_exec_verify_that_starts_failing_rolls_back(
+    tmp_path: Path, clients: list[subprocess.Popen[str]]
+) -> None:
+    ctl = tmp_path / "ctl.sock"
+    marker = tmp_path / "bad"
+    check = f"exec:test ! -e {marker} || test $HANDOFF_GENERATION = 1"
+    args = [
+        *("--workers", "2", "--keep-previous", KEEP, "--control", str(ctl)),
+        *("--verify", check, "--verify-interval", "0.2", "--rollback-after", "2"),
+    ]
+    command = [sys.executable, "-m", "handoff.demo.app"]
+    with running(command, args=args) as master:
+        port = master.wait_ready(60)
+        old = gen_pids(master, 1)
+        reload = _reload_verify(ctl)
+        clients.append(reload)
+        master.wait_for("reload.succeeded", 30)
+        marker.write_text("the new generation is bad")
+        out, _ = reload.communicate(timeout=60)
+        status, body = get(port)
+
+    assert reload.returncode == 1, out
+    assert "--verify failed 2 times in a row: exec:" in out, out
+    assert "exited 1" in out, out
+    assert status == 200
+    assert body["pid"] in old

@@ -300,6 +300,20 @@ def test_failed_verifications_in_a_row_roll_back_a_pass_resets_the_count() -> No
     assert of_type(loop.advance(5.0), act.RunVerify) == []
 
 
+def test_a_check_that_does_not_answer_counts_as_failed_and_its_late_answer_is_ignored() -> None:
+    loop = parked_loop(verify_s=1.0, after=3)
+    loop.advance(1.0)  # the first check starts
+
+    out = loop.advance(loop.policy.verify_timeout_s)
+
+    failed = report(out, "verify.failed").fields
+    assert failed["detail"] == "the check gave no answer within 10 s"
+    assert failed["failures"] == 1
+    assert names(loop.feed(ev.VerifyFinished(gen=GenId(2), ok=True, detail="late"))) == []
+    out = loop.advance(1.0)
+    assert of_type(out, act.RunVerify) == [act.RunVerify(gen=GenId(2))]  # kills the hung one
+
+
 def test_verification_stops_with_the_window() -> None:
     loop = parked_loop(verify_s=1.0)
     loop.advance(KEEP_S)

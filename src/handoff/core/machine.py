@@ -154,7 +154,7 @@ class Supervisor:
             case ev.VerifyFinished():
                 rollback.on_event(self, event, now, out)
             case ev.TimerFired(key=key) if key.kind in rollback.TIMERS:
-                rollback.on_timer(self, key, out)
+                rollback.on_timer(self, key, now, out)
             case ev.TimerFired(key=key) if key.kind is TimerKind.RESPAWN:
                 self._events.respawn_due(key, stopping=self.state is MasterState.STOPPING, out=out)
             case ev.TimerFired(key=key):

@@ -37,6 +37,7 @@ class Policy:
     # --rollback-after: failed checks in a row, or crashes, that roll back by themselves.
     verify_interval_s: float = 0.0
     rollback_after: int = 3
+    verify_timeout_s: float = 10.0  # a check still running this long counts as failed
     # --rollout: the new generation's workers come BATCH at a time (a count, or a
     # percentage of the workers); 0 and 0: all at once.
     rollout_count: int = 0

@@ -52,6 +52,7 @@ class Window:
     checks: int = 0  # --verify checks passed
     failures: int = 0  # --verify checks failed in a row
     crashes: int = 0  # its workers' crashes since it began serving
+    checking: bool = False  # a --verify check runs (until it answers, or times out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +82,19 @@ def on_event(
             assert_never(event)
 
 
-def on_timer(self: Supervisor, key: TimerKey, out: list[act.Action]) -> None:
+def on_timer(self: Supervisor, key: TimerKey, now: float, out: list[act.Action]) -> None:
+    window = self.window
     if key.kind is TimerKind.KEEP_PREVIOUS:
         _window_ended(self, key, out)
-    elif self.window is not None and self.window.serving == key.ident:  # VERIFY
-        out.append(act.RunVerify(gen=self.window.serving))
+    elif window is None or window.serving != key.ident:
+        return  # a VERIFY timer that outlived its window
+    elif window.checking:  # the check overran: it counts as failed (the next one kills it)
+        detail = f"the check gave no answer within {self.policy.verify_timeout_s:g} s"
+        _verified(self, window.serving, ok=False, detail=detail, now=now, out=out)
+    else:
+        window.checking = True
+        out.append(act.RunVerify(gen=window.serving))
+        out.append(act.StartTimer(key=key, delay_s=self.policy.verify_timeout_s))
 
 
 def refusal(self: Supervisor) -> str | None:
@@ -229,8 +238,9 @@ def _verified(
 ) -> None:
     """A --verify check finished: count it; N failed in a row roll back."""
     window = self.window
-    if window is None or window.serving != gen:
-        return  # the window ended while the check ran
+    if window is None or window.serving != gen or not window.checking:
+        return  # the window ended while the check ran, or it was counted as timed out
+    window.checking = False
     limit = self.policy.rollback_after
     if ok:
         window.checks += 1

@@ -57,6 +57,7 @@ class Check:
     gen: GenId
     child: Child
     report: int = -1
+    cancelled: bool = False  # killed: its exit answers nothing
 
 
 class Switching:
@@ -171,6 +172,7 @@ class Switching:
         """Start one check of the serving generation; its answer comes when it exits."""
         if self._verify is None:
             return ev.VerifyFinished(gen=gen, ok=True, detail="no --verify")
+        self._cancel_checks()  # one that overran (the machine counted it as failed)
         report = -1
         try:
             request, report = self._check(self._verify, gen)
@@ -220,6 +222,10 @@ class Switching:
         if status is None:
             return None
         del self._checks[check_pid]
+        if check.cancelled:
+            if check.report >= 0:
+                os.close(check.report)
+            return None
         if check.report >= 0:
             answer = http_finished(Pid(0), check.report, status)
             return ev.VerifyFinished(gen=check.gen, ok=answer.ok, detail=answer.detail)
@@ -227,6 +233,12 @@ class Switching:
         command = spec.describe() if spec is not None else "the check"
         detail = f"{command} {status.describe()}"
         return ev.VerifyFinished(gen=check.gen, ok=status.success, detail=detail)
+
+    def _cancel_checks(self) -> None:
+        for check in self._checks.values():
+            if not check.cancelled:
+                check.cancelled = True
+                self._system.kill_tree(check.child.pid)
 
     def kill_all(self) -> None:
         """At shutdown: kill and reap every check still running."""
