@@ -14,6 +14,7 @@ Progressive rollouts and the restart path: test_rollout.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -41,11 +42,11 @@ SERVERS_DIR = APPS / "servers"
 KEEP = "120"
 
 
-def _uvicorn(loop: str, http: str) -> Callable[[pytest.FixtureRequest], list[str]]:
-    return lambda _: [
+def uvicorn(loop: str = "asyncio", http: str = "h11", app_dir: str = str(APPS)) -> list[str]:
+    return [
         str(BIN / "uvicorn"),
         *("--fd", "{fd}", "--loop", loop, "--http", http, "--log-level", "warning"),
-        *("--app-dir", str(APPS), "versioned_app:asgi"),
+        *("--app-dir", app_dir, "versioned_app:asgi"),
     ]
 
 
@@ -69,8 +70,8 @@ def _go(request: pytest.FixtureRequest) -> list[str]:
 
 # The event loops detach (and so reattach) supports, by the server that runs each.
 SERVERS: dict[str, Callable[[pytest.FixtureRequest], list[str]]] = {
-    "uvicorn-h11-asyncio": _uvicorn("asyncio", "h11"),
-    "uvicorn-httptools-uvloop": _uvicorn("uvloop", "httptools"),
+    "uvicorn-h11-asyncio": lambda _: uvicorn("asyncio", "h11"),
+    "uvicorn-httptools-uvloop": lambda _: uvicorn("uvloop", "httptools"),
     "gunicorn-gthread-selectors": _gunicorn,
     "node-libuv": _node,
     "go-netpoll": _go,
@@ -150,6 +151,18 @@ def test_rollback_puts_the_parked_generation_back_under_load(
     assert {"1", "2"} <= set(load.stats.by_generation), load.stats.to_dict()
 
 
+def verified(
+    ctl: Path, version: Path, *, workers: int, keep: str, rollback_after: int
+) -> contextlib.AbstractContextManager[Master]:
+    """uvicorn workers under a master with --keep-previous and --verify http:/healthz."""
+    args = [
+        *("--workers", str(workers), "--keep-previous", keep, "--control", str(ctl)),
+        *("--verify", "http:/healthz", "--verify-interval", "0.5"),
+        *("--rollback-after", str(rollback_after)),
+    ]
+    return running(uvicorn(), args=args, env={"VERSION_FILE": str(version)})
+
+
 def _reload_verify(ctl: Path) -> subprocess.Popen[str]:
     """``handoff reload --verify``, running until the window ends or a rollback."""
     return subprocess.Popen(
@@ -183,7 +196,7 @@ def test_a_release_that_starts_crashing_is_rolled_back_by_itself(
 ) -> None:
     ctl = tmp_path / "ctl.sock"
     args = ["--workers", "2", "--keep-previous", KEEP, "--rollback-after", "2"]
-    command = _uvicorn("asyncio", "h11")(None)  # type: ignore[arg-type]
+    command = uvicorn()
     with running(
         command, args=[*args, "--control", str(ctl)], env={"VERSION_FILE": str(version)}
     ) as master:
@@ -219,12 +232,7 @@ def test_a_release_whose_verify_endpoint_fails_is_rolled_back(
     tmp_path: Path, version: Path, clients: list[subprocess.Popen[str]]
 ) -> None:
     ctl = tmp_path / "ctl.sock"
-    args = [
-        *("--workers", "2", "--keep-previous", KEEP, "--control", str(ctl)),
-        *("--verify", "http:/healthz", "--verify-interval", "0.5", "--rollback-after", "3"),
-    ]
-    command = _uvicorn("asyncio", "h11")(None)  # type: ignore[arg-type]
-    with running(command, args=args, env={"VERSION_FILE": str(version)}) as master:
+    with verified(ctl, version, workers=2, keep=KEEP, rollback_after=3) as master:
         port = master.wait_ready(60)
         old = gen_pids(master, 1)
         with Load(port, keepalive=0, fresh=4) as load:
@@ -256,12 +264,7 @@ def test_a_healthy_release_is_confirmed_at_the_end_of_the_window(
     tmp_path: Path, version: Path, clients: list[subprocess.Popen[str]]
 ) -> None:
     ctl = tmp_path / "ctl.sock"
-    args = [
-        *("--workers", "1", "--keep-previous", "3", "--control", str(ctl)),
-        *("--verify", "http:/healthz", "--verify-interval", "0.5"),
-    ]
-    command = _uvicorn("asyncio", "h11")(None)  # type: ignore[arg-type]
-    with running(command, args=args, env={"VERSION_FILE": str(version)}) as master:
+    with verified(ctl, version, workers=1, keep="3", rollback_after=3) as master:
         master.wait_ready(60)
         version.write_text("v2")
         reload = _reload_verify(ctl)

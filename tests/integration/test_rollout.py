@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,28 +29,12 @@ import pytest
 
 from tests.integration.harness import APPS, Load, Master, running
 from tests.integration.http import get
-from tests.integration.test_rollback import assert_clean, control, gen_pids
+from tests.integration.test_rollback import assert_clean, control, gen_pids, uvicorn
 from tests.integration.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 if os.geteuid() != 0:
     pytestmark = [pytestmark, pytest.mark.skip(reason="pidfd_getfd needs root (ptrace)")]
-
-UVICORN = str(Path(sys.executable).parent / "uvicorn")
-
-
-def uvicorn(app_dir: str = str(APPS)) -> list[str]:
-    return [
-        UVICORN,
-        "--fd",
-        "{fd}",
-        "--log-level",
-        "warning",
-        "--app-dir",
-        app_dir,
-        "versioned_app:asgi",
-    ]
-
 
 # -- the restart path ------------------------------------------------------------------------
 
@@ -86,7 +69,7 @@ def test_rollback_restarts_the_previous_release_from_its_directory_and_values(
         *("--workers", "2", "--chdir", str(current), "--env-file", str(env_file)),
         *("--control", str(ctl)),
     ]
-    with running(uvicorn("."), args=args, env={"VERSION_FILE": "version"}) as master:
+    with running(uvicorn(app_dir="."), args=args, env={"VERSION_FILE": "version"}) as master:
         port = master.wait_ready(60)
         assert get(port)[1] | {"pid": 0} == {
             "version": "r1",

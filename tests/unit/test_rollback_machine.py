@@ -270,6 +270,21 @@ def test_crashes_of_the_new_generation_in_the_window_roll_back() -> None:
     assert all(spawn.gen != 2 for spawn in of_type(loop.advance(5.0), act.SpawnWorker))
 
 
+def test_crashes_in_the_window_during_a_new_reload_cancel_it_and_go_back() -> None:
+    loop = parked_loop(after=2)
+    loop.reload()  # gen 3 starting on top of gen 2, which then crash-loops
+    first, second = loop.pids(2)
+    loop.exit(first, code=1)
+
+    out = loop.exit(second, code=1)
+
+    assert report(out, "reload.failed").fields["reason"] == "cancelled: rollback"
+    rolled = report(out, "reload.rolled_back").fields
+    assert (rolled["gen"], rolled["to"], rolled["path"]) == (2, 1, "reattach")
+    assert loop.gen_state(1) is GenerationState.ACTIVE
+    assert loop.gen_state(3) is GenerationState.DRAINING
+
+
 def test_crashes_after_the_window_only_respawn() -> None:
     loop = parked_loop(after=1)
     loop.advance(KEEP_S)

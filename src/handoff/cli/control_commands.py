@@ -111,16 +111,22 @@ def reload(
         raise HandoffError("--verify waits for the window: it cannot go with --no-wait")
     path = _path(control, pidfile, name)
     request = {"cmd": "reload", "wait": wait, "verify": verify, "canary": canary or 0}
-    for line in exchange(path, request, _timeout(timeout, long=verify)):
+    line = _result(path, request, _timeout(timeout, long=verify))
+    if not wait:
+        click.echo(f"reload {line.get('accepted')}")
+        return 0
+    return _reload_result(line)
+
+
+def _result(path: str, request: Mapping[str, object], timeout_s: float) -> Mapping[str, object]:
+    """Send request; print its progress lines as they come; return its result line."""
+    for line in exchange(path, request, timeout_s):
         _fail_on_error(line)
         if line.get("type") == "progress":
             click.echo(f"  {line.get('message')}")
         elif line.get("type") == "result":
-            if not wait:
-                click.echo(f"reload {line.get('accepted')}")
-                return 0
-            return _reload_result(line)
-    raise HandoffError("the master closed the connection before the reload ended")
+            return line
+    raise HandoffError(f"the master closed the connection before the {request['cmd']} ended")
 
 
 def _reload_result(line: Mapping[str, object]) -> int:
@@ -165,13 +171,7 @@ def rollback(
     (--keep-previous), or start its release again; undo a reload, canary or rollout in
     progress. Exit 0 once the previous generation serves, 1 if it could not."""
     path = _path(control, pidfile, name)
-    for line in exchange(path, {"cmd": "rollback", "wait": wait}, _timeout(timeout)):
-        _fail_on_error(line)
-        if line.get("type") == "progress":
-            click.echo(f"  {line.get('message')}")
-        elif line.get("type") == "result":
-            return _rollback_result(line)
-    raise HandoffError("the master closed the connection before the rollback ended")
+    return _rollback_result(_result(path, {"cmd": "rollback", "wait": wait}, _timeout(timeout)))
 
 
 _PATHS: Final = {
@@ -212,16 +212,11 @@ def promote(
     """Promote the canary: start the rest of its workers; once all are ready it replaces
     the old generation, as a reload does. Exit 0 once it serves, 1 if it failed."""
     path = _path(control, pidfile, name)
-    for line in exchange(path, {"cmd": "promote", "wait": wait}, _timeout(timeout)):
-        _fail_on_error(line)
-        if line.get("type") == "progress":
-            click.echo(f"  {line.get('message')}")
-        elif line.get("type") == "result":
-            if not wait:
-                click.echo(f"promoted: generation {line.get('gen')} grows to {line.get('workers')}")
-                return 0
-            return _reload_result(line)
-    raise HandoffError("the master closed the connection before the promote ended")
+    line = _result(path, {"cmd": "promote", "wait": wait}, _timeout(timeout))
+    if not wait:
+        click.echo(f"promoted: generation {line.get('gen')} grows to {line.get('workers')}")
+        return 0
+    return _reload_result(line)
 
 
 @click.command()

@@ -9,7 +9,6 @@ A rollback takes one of three paths:
 
 - **cancel**: a reload is in progress (a canary, a rollout, a generation starting): it is
   undone, and the serving generation goes on serving, whole (``rollout.undo``);
-
 - **reattach**: the previous generation is parked (its workers detached, not signalled):
   their epoll registrations are put back (``ReattachListeners``) before the serving
   generation is taken off the socket and drained. Instant, warm, nothing refused.
@@ -130,7 +129,9 @@ def next_path(self: Supervisor) -> tuple[str, GenId | None]:
 
 
 def request(self: Supervisor, source: str, reason: str, now: float, out: list[act.Action]) -> None:
-    """Roll back, on the reattach path if a parked worker is left, else the restart path."""
+    """Roll back: cancel a reload in progress; else put the parked generation back
+    (reattach) or start the previous release again (restart). An automatic rollback (the
+    window's watch) cancels a reload in progress too, and goes on to the parked one."""
     why = refusal(self)
     if why is not None:
         out.append(act.report(EventName.ROLLBACK_REFUSED, Level.WARNING, source=source, reason=why))
@@ -140,13 +141,15 @@ def request(self: Supervisor, source: str, reason: str, now: float, out: list[ac
     assert serving is not None  # RUNNING or RELOADING
     starting = self.generation_in(GenerationState.STARTING)
     if self.state is MasterState.RELOADING and starting is not None:
-        # A reload in progress (a canary, a rollout) is undone; the serving one stays.
-        out.append(_rolled_back(starting.id, serving.id, "cancel", source, reason))
+        # A reload in progress (a canary, a rollout) is undone; the serving one stays,
+        # unless the window's watch asked: then on to the parked generation.
         self._cancel_reload(now, out, reason="cancelled: rollback")
         gens.drain(starting, "rolled back", self._stop_signal_name(), out)
         rollout.undo(self, out)
-        out.append(_finished("cancel", serving.id))
-        return
+        if source != AUTOMATIC or _parked(self) is None:
+            out.append(_rolled_back(starting.id, serving.id, "cancel", source, reason))
+            out.append(_finished("cancel", serving.id))
+            return
     close_window(self, out)
     parked = _parked(self)
     if parked is not None:
