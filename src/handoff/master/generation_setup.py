@@ -93,10 +93,12 @@ class GenerationSetup:
         its way to exec, a master re-executed by a version that pinned nothing)."""
         generation = self._machine.generations.get(gen)
         release = self._release_of(gen)
-        if self._workdir is not None and gen not in self._dirs and release in self._dirs:
-            self._dirs[gen] = self._dirs[release]  # a rollback's restart: its release
+        if self._workdir is None:
+            return None
+        if release in self._dirs:
+            return self._dirs[release]  # a rollback's restart: the release it goes back to
         starting = generation is None or generation.state is GenerationState.STARTING
-        if self._workdir is None or (starting and gen not in self._dirs):
+        if starting:
             return self._workdir
         if gen in self._dirs:
             return self._dirs[gen]
