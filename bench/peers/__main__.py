@@ -1,31 +1,40 @@
-"""Peers benchmark: gunicorn reloading itself on SIGHUP against the same gunicorn under handoff.
+"""Peers benchmark: every tool a user would pick to reload a server, on the same app
+under the same load, in one run, with tables, JSON and pictures.
 
     python -m bench.peers [--scenario healthy|broken|slow|all] [--reloads N]
                           [--seconds-between S] [--rounds R] [--json OUT]
+                          [--pictures DIR] [--tools restart,gunicorn-hup,...]
                           [--keepalive-clients N] [--fresh-clients N] [-v]
 
-(from the repository root, which holds the bench package).
+(from the repository root, which holds the bench package; the peers are installed by
+`pip install -e '.[bench]'` (circus, matplotlib), the `uwsgi` of the `test` extra, and
+Debian's libserver-starter-perl (Server::Starter); a tool that is missing is reported as
+not run, never dropped).
 
-One run compares, under the same load, two ways of reloading the same app
-(tests/integration/apps/versioned_app.py, which reads VERSION_FILE at import and answers
-with X-Handoff-Version and X-Handoff-Generation):
+The app is tests/integration/apps/versioned_app.py, which reads VERSION_FILE at import and
+answers with X-Handoff-Version and X-Handoff-Generation, run as a WSGI app by gunicorn
+(2 workers) under every tool but uWSGI, which runs it itself (2 processes). The tools
+(bench/peers/tools.py says exactly how each is started and reloaded):
 
-  gunicorn HUP  gunicorn alone (master + 2 workers, no --preload, so that every new worker
-                imports the app afresh), reloaded with `kill -HUP <master>` after each
-                change of VERSION_FILE. The socket is bound here and passed to gunicorn at
-                a known fd (`--bind fd://N`), so the port is known before gunicorn starts
-                and no other process can take it in between. Once gunicorn runs, this
-                process closes its own copy: the socket then lives and dies with gunicorn,
-                exactly as with `--bind HOST:PORT` (if gunicorn exits, clients are refused
-                rather than left waiting in the queue of a socket nobody accepts from).
-  handoff       the same gunicorn command with --preload and `--bind fd://{fd}` under
-                `handoff run --workers 1 --ready notify --ready-timeout 20`, driven by
-                handoff.demo.drill.run_drill (one handoff worker is one gunicorn master with
-                its 2 workers, the same process tree as above). Each reload starts a new
-                gunicorn, which imports the app afresh (before it sends READY=1, thanks to
-                --preload), waits for its READY=1, then drains the old one.
+  restart         `systemctl restart`: gunicorn stopped and started again; the port closes.
+  gunicorn-hup    gunicorn alone (master + 2 workers, no --preload, so that every new worker
+                  imports the app afresh), reloaded with `kill -HUP <master>` after each
+                  change of VERSION_FILE. The socket is bound here and passed to gunicorn at
+                  a known fd (`--bind fd://N`), so the port is known before gunicorn starts
+                  and no other process can take it in between. Once gunicorn runs, this
+                  process closes its own copy: the socket then lives and dies with gunicorn,
+                  exactly as with `--bind HOST:PORT`.
+  circus          circusd owns the socket, `circusctl reload web`.
+  server-starter  Server::Starter's start_server owns the socket, SIGHUP.
+  uwsgi           uWSGI's own master, SIGHUP (graceful reload).
+  handoff         the same gunicorn command with --preload and `--bind fd://{fd}` under
+                  `handoff run --workers 1 --ready notify --ready-timeout 20`, driven by
+                  handoff.demo.drill.run_drill (one handoff worker is one gunicorn master
+                  with its 2 workers, the same process tree as above). Each reload starts a
+                  new gunicorn, which imports the app afresh (before it sends READY=1,
+                  thanks to --preload), waits for its READY=1, then drains the old one.
 
-Both sides run with --no-control-socket: gunicorn 27 otherwise binds one fixed path
+Every gunicorn runs with --no-control-socket: gunicorn 27 otherwise binds one fixed path
 (~/.gunicorn/gunicorn.ctl) per master, which two masters (handoff's old and new
 generation, or another gunicorn on the machine) would take from each other.
 
@@ -43,19 +52,20 @@ each request) and gthread workers with keep-alive (`-k gthread --threads 4 --kee
 5`), which keep connections open and so expose the race between a server closing an idle
 connection and a client reusing it.
 
-Both sides get the same number of reloads, the same load settings and the same spacing:
+Every tool gets the same number of reloads, the same load settings and the same spacing:
 `--seconds-between` of load before each reload and after the last one, counted from the
-end of the previous reload (gunicorn: the new version answered, gunicorn exited, or
---reload-timeout passed; handoff: the master reported the reload's outcome). If gunicorn
+end of the previous reload (a peer: the new version answered, the tool exited, or
+--reload-timeout passed; handoff: the master reported the reload's outcome). If a tool
 exits, its remaining reloads are not sent ("server gone") but their time still passes under
-load, so that both sides are measured for about as long.
+load, so that every tool is measured for about as long.
 
 How a reload ended: for handoff, the master's reload.succeeded / reload.failed (with its
-reason); for gunicorn, ok if the new version answered within --reload-timeout of SIGHUP,
-failed otherwise (with gunicorn's exit status if it exited meanwhile).
+reason); for a peer, ok if the new version answered within --reload-timeout of the reload
+(its signal, its command, or the restart's stop), failed otherwise (with its exit status if
+it exited meanwhile).
 
-"Reload time" is from SIGHUP until the load generator first receives a response from the
-new code: for gunicorn HUP the new X-Handoff-Version, for handoff the new generation's
+"Reload time" is from the reload until the load generator first receives a response from
+the new code: for a peer the new X-Handoff-Version, for handoff the new generation's
 X-Handoff-Generation (DrillConfig has no generation_header; each handoff generation is a
 fresh gunicorn that imported the new version, so the first response of the generation is
 the first of the version).
@@ -67,6 +77,9 @@ longest stretch without any successful response. "max latency ms" is exact: Load
 only a 10,000-latency sample, which can miss the few requests that wait out a stall, so
 LoadStats.record_ok is wrapped for the duration of the bench to see every latency.
 
+--pictures DIR (default: next to --json): per scenario and pair, one PNG with a row per tool
+(answered and failed requests per second over time, the reloads marked: pictures.py).
+
 Exit status 0 when every run completed (whatever the failure counts), 1 otherwise.
 """
 
@@ -74,20 +87,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
 from handoff.demo.master_process import DrillError
 
-from .gunicorn_side import run_gunicorn_hup
 from .handoff_side import run_handoff
 from .measure import MaxLatency
+from .pictures import draw
 from .report import Results, report
-from .runs import HANDOFF_READY_TIMEOUT_S, PeerError, RunContext, Say, run_budget_s
-from .scenarios import BAD_RELOAD, SCENARIOS
+from .runs import HANDOFF_READY_TIMEOUT_S, PeerError, RunContext, RunResult, Say, run_budget_s
+from .scenarios import BAD_RELOAD, SCENARIOS, Pair, Scenario
 from .server_logs import LOG_TAIL_LINES
+from .standalone_side import run_standalone
+from .tools import TOOL_KEYS, TOOLS
+
+Runner = Callable[[Scenario, Pair, RunContext], Awaitable[RunResult]]
+
+
+def runners(keys: list[str], out: TextIO) -> tuple[list[tuple[str, Runner]], dict[str, str]]:
+    """The runs of the tools asked for, in order, and why the missing ones cannot run."""
+    chosen: list[tuple[str, Runner]] = []
+    skipped: dict[str, str] = {}
+    for tool in TOOLS:
+        if tool.key not in keys:
+            continue
+        why = tool.missing()
+        if why is not None:
+            skipped[tool.key] = why
+            print(f"{tool.key}: not run: {why}", file=out, flush=True)
+            continue
+        chosen.append((tool.key, functools.partial(run_standalone, tool)))
+    if "handoff" in keys:
+        chosen.append(("handoff", run_handoff))
+    return chosen, skipped
 
 
 async def bench(args: argparse.Namespace, out: TextIO) -> int:
@@ -95,8 +132,9 @@ async def bench(args: argparse.Namespace, out: TextIO) -> int:
         (lambda line: print(f"  {line}", file=sys.stderr)) if args.verbose else (lambda _line: None)
     )
     scenarios = [s for s in SCENARIOS if args.scenario in ("all", s.key)]
+    chosen, skipped = runners(args.tools.split(","), out)
     results: Results = {
-        (scenario.key, pair.key): {"gunicorn": [], "handoff": []}
+        (scenario.key, pair.key): {key: [] for key, _ in chosen}
         for scenario in scenarios
         for pair in scenario.pairs
     }
@@ -109,7 +147,7 @@ async def bench(args: argparse.Namespace, out: TextIO) -> int:
             for round_number in range(1, args.rounds + 1):
                 for scenario in scenarios:
                     for pair in scenario.pairs:
-                        sides = [("gunicorn", run_gunicorn_hup), ("handoff", run_handoff)]
+                        sides = list(chosen)
                         if round_number % 2 == 0:  # alternate who runs first
                             sides.reverse()
                         for side, runner in sides:
@@ -132,7 +170,11 @@ async def bench(args: argparse.Namespace, out: TextIO) -> int:
             completed = False
             print(f"peers: error: a run took longer than {budget:g} s", file=sys.stderr)
 
-    report(args, scenarios, results, completed=completed, out=out)
+    report(args, scenarios, results, completed=completed, out=out, skipped=skipped)
+    pictures = args.pictures or (Path(args.json).parent if args.json else None)
+    if pictures is not None:
+        for path in draw(scenarios, results, Path(pictures)):
+            print(f"picture: {path}", file=out)
     return 0 if completed else 1
 
 
@@ -157,9 +199,22 @@ def main() -> int:
         default=30.0,
         help="seconds after SIGHUP for the new code to answer (handoff: for its outcome)",
     )
+    parser.add_argument(
+        "--tools",
+        default=",".join(TOOL_KEYS),
+        help=f"which tools, comma-separated, in this order (default: {','.join(TOOL_KEYS)})",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the results here")
+    parser.add_argument(
+        "--pictures",
+        metavar="DIR",
+        help="write the PNG pictures here (default: next to --json; none without either)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show each step")
     args = parser.parse_args()
+    unknown = set(args.tools.split(",")) - set(TOOL_KEYS)
+    if unknown:
+        parser.error(f"unknown tools: {', '.join(sorted(unknown))} (choose from {TOOL_KEYS})")
     if args.reloads < 1 or args.rounds < 1 or args.seconds_between <= 0:
         parser.error("--reloads and --rounds must be >= 1, --seconds-between > 0")
     if args.scenario != "healthy" and args.reloads < BAD_RELOAD:

@@ -122,6 +122,7 @@ async def run_handoff(
         versions_at_end=versions,
         max_latency_ms=maxima.of(result.load),
         longest_gap_s=timeline.longest_gap_s(),
+        timeline=timeline,
         detail={
             "command": list(config.command),
             "handoff_args": ["--workers", "1", "--ready", "notify", *config.extra_args],

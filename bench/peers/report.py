@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
@@ -14,7 +15,7 @@ from handoff.demo.load import FailureClass
 from .runs import FAILED, GONE, HANDOFF_READY_TIMEOUT_S, OK, RunResult
 from .scenarios import BAD_RELOAD, Pair, Scenario
 
-# Each (scenario key, pair key) -> each side ("gunicorn", "handoff") -> its runs by round.
+# Each (scenario key, pair key) -> each tool (tools.py, and "handoff") -> its runs by round.
 Results = dict[tuple[str, str], dict[str, list[RunResult]]]
 
 
@@ -115,131 +116,84 @@ def summarise(runs: list[RunResult]) -> Summary:
 
 
 COLUMN: Final = 16
+TITLES: Final = {
+    "restart": "restart",
+    "gunicorn-hup": "gunicorn HUP",
+    "circus": "circus",
+    "server-starter": "Server::Starter",
+    "uwsgi": "uWSGI HUP",
+    "handoff": "handoff",
+}
 
 
-def table(
-    scenario: Scenario, pair: Pair, gunicorn: Summary, handoff: Summary, rounds: int
-) -> list[str]:
+def table(scenario: Scenario, pair: Pair, summaries: dict[str, Summary], rounds: int) -> list[str]:
+    """One row per figure, one column per tool."""
     many = f" (sum of {rounds} rounds)" if rounds > 1 else ""
     med = " (median of rounds)" if rounds > 1 else ""
     top = " (max of rounds)" if rounds > 1 else ""
-    rows: list[tuple[str, str, str]] = [
-        (f"requests ok{many}", number(gunicorn.requests), number(handoff.requests)),
-        (
-            f"requests/s{med}",
-            number(gunicorn.requests_per_s),
-            number(handoff.requests_per_s),
-        ),
-        (
-            f"p99 latency ms{med}",
-            number(gunicorn.p99_latency_ms, 1),
-            number(handoff.p99_latency_ms, 1),
-        ),
-        (
-            f"max latency ms{top}",
-            number(gunicorn.max_latency_ms, 1),
-            number(handoff.max_latency_ms, 1),
-        ),
-        (
-            f"longest gap without a response s{top}",
-            number(gunicorn.longest_gap_s, 2),
-            number(handoff.longest_gap_s, 2),
-        ),
+    tools = list(summaries.values())
+
+    def row(label: str, value: Callable[[Summary], str]) -> tuple[str, list[str]]:
+        return label, [value(summary) for summary in tools]
+
+    rows = [
+        row(f"requests ok{many}", lambda x: number(x.requests)),
+        row(f"requests/s{med}", lambda x: number(x.requests_per_s)),
+        row(f"p99 latency ms{med}", lambda x: number(x.p99_latency_ms, 1)),
+        row(f"max latency ms{top}", lambda x: number(x.max_latency_ms, 1)),
+        row(f"longest gap without a response s{top}", lambda x: number(x.longest_gap_s, 2)),
     ]
-    for failure in FailureClass:
-        name = str(failure)
-        rows.append(
-            (f"  failed: {name}", str(gunicorn.failures[name]), str(handoff.failures[name]))
-        )
     rows += [
-        (
-            f"failures total{many}",
-            str(sum(gunicorn.failures.values())),
-            str(sum(handoff.failures.values())),
-        ),
-        (
-            "idle keep-alive closes (no failure)",
-            str(gunicorn.idle_closes),
-            str(handoff.idle_closes),
-        ),
-        (
+        row(f"  failed: {failure}", lambda x, f=str(failure): str(x.failures[f]))
+        for failure in FailureClass
+    ]
+    rows += [
+        row(f"failures total{many}", lambda x: str(sum(x.failures.values()))),
+        row("idle keep-alive closes (no failure)", lambda x: str(x.idle_closes)),
+        row(
             "reloads ok / failed / server gone",
-            f"{gunicorn.reloads_ok} / {gunicorn.reloads_failed} / {gunicorn.reloads_gone}",
-            f"{handoff.reloads_ok} / {handoff.reloads_failed} / {handoff.reloads_gone}",
+            lambda x: f"{x.reloads_ok} / {x.reloads_failed} / {x.reloads_gone}",
         ),
-        (
-            "reloads whose new code answered",
-            f"{gunicorn.reloads_seen}/{gunicorn.reloads}",
-            f"{handoff.reloads_seen}/{handoff.reloads}",
-        ),
-        (
-            "median reload s (HUP -> new code)",
-            number(gunicorn.reload_median_s, 3),
-            number(handoff.reload_median_s, 3),
-        ),
-        (
-            "max reload s",
-            number(gunicorn.reload_max_s, 3),
-            number(handoff.reload_max_s, 3),
-        ),
+        row("reloads whose new code answered", lambda x: f"{x.reloads_seen}/{x.reloads}"),
+        row("median reload s (-> new code)", lambda x: number(x.reload_median_s, 3)),
+        row("max reload s", lambda x: number(x.reload_max_s, 3)),
     ]
     if scenario.bad_release is not None:
         label = f"reload {BAD_RELOAD} ({scenario.bad_release})"
-        rows.append(
-            (
-                f"{label} ended",
-                ",".join(gunicorn.bad_reload_outcomes),
-                ",".join(handoff.bad_reload_outcomes),
-            )
-        )
+        rows.append(row(f"{label} ended", lambda x: ",".join(x.bad_reload_outcomes)))
         if scenario.bad_release == "slow":
             rows.append(
-                (
-                    f"{label}: HUP -> '{scenario.bad_release}' answers s",
-                    ",".join(number(t, 3) for t in gunicorn.bad_reload_s),
-                    ",".join(number(t, 3) for t in handoff.bad_reload_s),
+                row(
+                    f"{label}: -> '{scenario.bad_release}' answers s",
+                    lambda x: ",".join(number(t, 3) for t in x.bad_reload_s),
                 )
             )
-        rows.append(
-            (
-                f"serving after {label}",
-                yes_no(gunicorn.serving_after_bad),
-                yes_no(handoff.serving_after_bad),
-            )
-        )
+        rows.append(row(f"serving after {label}", lambda x: yes_no(x.serving_after_bad)))
     rows += [
-        (
-            "server still serving at end",
-            yes_no(gunicorn.serving_at_end),
-            yes_no(handoff.serving_at_end),
-        ),
-        (
-            "version answering at end",
-            ",".join(gunicorn.versions_at_end),
-            ",".join(handoff.versions_at_end),
-        ),
-        (
-            "server exit status",
-            ",".join(str(c) for c in gunicorn.exit_codes),
-            ",".join(str(c) for c in handoff.exit_codes),
-        ),
+        row("server still serving at end", lambda x: yes_no(x.serving_at_end)),
+        row("version answering at end", lambda x: ",".join(x.versions_at_end)),
+        row("server exit status", lambda x: ",".join(str(c) for c in x.exit_codes)),
     ]
-    width = max(len(label) for label, _, _ in rows) + 2
-    lines = [
-        f"[{scenario.key}] {scenario.title}",
-        pair.title,
-        f"{'':<{width}}{'gunicorn HUP':>{COLUMN}}{'handoff':>{COLUMN}}",
+    width = max(len(label) for label, _ in rows) + 2
+    heads = "".join(f"{TITLES.get(key, key):>{COLUMN}}" for key in summaries)
+    lines = [f"[{scenario.key}] {scenario.title}", pair.title, f"{'':<{width}}{heads}"]
+    lines += [
+        f"{label:<{width}}" + "".join(f"{value:>{COLUMN}}" for value in values)
+        for label, values in rows
     ]
-    lines += [f"{label:<{width}}{a:>{COLUMN}}{b:>{COLUMN}}" for label, a, b in rows]
     return lines
 
 
-def reload_lines(gunicorn_runs: list[RunResult], handoff_runs: list[RunResult]) -> list[str]:
-    """How each reload ended, per round and side."""
+def reload_lines(runs_by_tool: dict[str, list[RunResult]]) -> list[str]:
+    """How each reload ended, per round and tool."""
     lines: list[str] = []
-    for round_index, runs in enumerate(zip(gunicorn_runs, handoff_runs, strict=False), 1):
-        for run in runs:
-            prefix = f"  round {round_index} " if len(gunicorn_runs) > 1 else "  "
+    rounds = max((len(runs) for runs in runs_by_tool.values()), default=0)
+    for index in range(rounds):
+        for runs in runs_by_tool.values():
+            if index >= len(runs):
+                continue
+            run = runs[index]
+            prefix = f"  round {index + 1} " if rounds > 1 else "  "
             lines.append(f"{prefix}{run.side}:")
             lines += [f"    reload {r.number} {r.release}: {r.describe()}" for r in run.reloads]
     return lines
@@ -261,6 +215,7 @@ def report(
     *,
     completed: bool,
     out: TextIO,
+    skipped: dict[str, str] | None = None,
 ) -> None:
     """Print each pair's table to out and, with --json, write every number to that file."""
     document: dict[str, object] = {
@@ -273,36 +228,34 @@ def report(
         "handoff_ready_timeout_s": HANDOFF_READY_TIMEOUT_S,
         "bad_reload": BAD_RELOAD,
         "completed": completed,
+        "not_run": skipped or {},  # tools that could not run here, and why
         "scenarios": {},
     }
     scenarios_doc: dict[str, object] = {}
     for scenario in scenarios:
         pairs_doc: dict[str, object] = {}
         for pair in scenario.pairs:
-            gunicorn_runs = results[scenario.key, pair.key]["gunicorn"]
-            handoff_runs = results[scenario.key, pair.key]["handoff"]
-            if not gunicorn_runs and not handoff_runs:
+            by_tool = {k: v for k, v in results[scenario.key, pair.key].items() if v}
+            if not by_tool:
                 continue
-            gunicorn, handoff = summarise(gunicorn_runs), summarise(handoff_runs)
+            summaries = {key: summarise(runs) for key, runs in by_tool.items()}
+            every = [run for runs in by_tool.values() for run in runs]
             print(file=out)
-            rounds = max(len(gunicorn_runs), len(handoff_runs), 1)
-            print("\n".join(table(scenario, pair, gunicorn, handoff, rounds)), file=out)
+            rounds = max(len(runs) for runs in by_tool.values())
+            print("\n".join(table(scenario, pair, summaries, rounds)), file=out)
             if scenario.bad_release is not None or any(
-                run.count(OK) != len(run.reloads) for run in gunicorn_runs + handoff_runs
+                run.count(OK) != len(run.reloads) for run in every
             ):
                 print("how each reload ended:", file=out)
-                print("\n".join(reload_lines(gunicorn_runs, handoff_runs)), file=out)
-            samples = error_samples(gunicorn_runs + handoff_runs)
+                print("\n".join(reload_lines(by_tool)), file=out)
+            samples = error_samples(every)
             if samples:
                 print("last failures seen:", file=out)
                 print("\n".join(samples), file=out)
             pairs_doc[pair.key] = {
                 "title": pair.title,
-                "summary": {"gunicorn": gunicorn.to_dict(), "handoff": handoff.to_dict()},
-                "runs": {
-                    "gunicorn": [run.to_dict() for run in gunicorn_runs],
-                    "handoff": [run.to_dict() for run in handoff_runs],
-                },
+                "summary": {key: summary.to_dict() for key, summary in summaries.items()},
+                "runs": {key: [run.to_dict() for run in runs] for key, runs in by_tool.items()},
             }
         if pairs_doc:
             scenarios_doc[scenario.key] = {

@@ -98,7 +98,7 @@ class ReloadOutcome:
 class RunResult:
     """One side of one pair in one round, in a form common to both sides."""
 
-    side: str  # "gunicorn" or "handoff"
+    side: str  # the tool's key (tools.py), or "handoff"
     load: LoadStats
     reloads: list[ReloadOutcome]
     exit_code: int | None
@@ -107,6 +107,7 @@ class RunResult:
     versions_at_end: list[str]  # releases that answered in the load's last END_WINDOW_S
     max_latency_ms: float | None
     longest_gap_s: float | None
+    timeline: Timeline | None = None  # the load's counters over time (for the pictures)
     detail: dict[str, object] = field(default_factory=dict)  # side-specific, for the JSON
 
     @property
