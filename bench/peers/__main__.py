@@ -97,6 +97,7 @@ from typing import TextIO
 from handoff.demo.master_process import DrillError
 
 from .handoff_side import run_handoff
+from .idle import idle_of_tools
 from .measure import MaxLatency
 from .pictures import draw
 from .report import Results, report
@@ -140,10 +141,14 @@ async def bench(args: argparse.Namespace, out: TextIO) -> int:
     }
     budget = run_budget_s(args)
     completed = True
+    idle: dict[str, object] = {}
     maxima = MaxLatency()
     with tempfile.TemporaryDirectory(prefix="handoff-peers-") as tmp, maxima.installed():
         ctx = RunContext(args=args, workdir=Path(tmp), say=say, maxima=maxima)
         try:
+            if args.idle_seconds > 0:
+                print(f"at rest: each tool's supervisor for {args.idle_seconds:g} s", file=out)
+                idle = await idle_of_tools([key for key, _ in chosen], ctx, args.idle_seconds)
             for round_number in range(1, args.rounds + 1):
                 for scenario in scenarios:
                     for pair in scenario.pairs:
@@ -170,7 +175,7 @@ async def bench(args: argparse.Namespace, out: TextIO) -> int:
             completed = False
             print(f"peers: error: a run took longer than {budget:g} s", file=sys.stderr)
 
-    report(args, scenarios, results, completed=completed, out=out, skipped=skipped)
+    report(args, scenarios, results, completed=completed, out=out, skipped=skipped, idle=idle)
     pictures = args.pictures or (Path(args.json).parent if args.json else None)
     if pictures is not None:
         for path in draw(scenarios, results, Path(pictures)):
@@ -203,6 +208,12 @@ def main() -> int:
         "--tools",
         default=",".join(TOOL_KEYS),
         help=f"which tools, comma-separated, in this order (default: {','.join(TOOL_KEYS)})",
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5.0,
+        help="watch each tool's supervisor at rest this long first (0: skip)",
     )
     parser.add_argument("--json", metavar="OUT", help="also write the results here")
     parser.add_argument(

@@ -199,6 +199,24 @@ def reload_lines(runs_by_tool: dict[str, list[RunResult]]) -> list[str]:
     return lines
 
 
+def rest_lines(idle: dict[str, object]) -> list[str]:
+    """The supervisors at rest, one line each."""
+    lines = [f"{'at rest, no load':<18}{'wakeups/s':>12}{'CPU ms/s':>12}  RSS MiB"]
+    for key, figures in idle.items():
+        assert isinstance(figures, dict)
+        name = TITLES.get(key, key)
+        if "not_measured" in figures:
+            lines.append(f"{name:<18}  not measured: {figures['not_measured']}")
+            continue
+        rss = f"{figures['rss_mib']}" + (
+            f" (+{figures['helpers_rss_mib']} helpers)" if "helpers_rss_mib" in figures else ""
+        )
+        lines.append(
+            f"{name:<18}{figures['wakeups_per_s']:>12}{figures['cpu_ms_per_s']:>12}  {rss}"
+        )
+    return lines
+
+
 def error_samples(runs: list[RunResult], limit: int = 3) -> list[str]:
     lines: list[str] = []
     for run in runs:
@@ -216,6 +234,7 @@ def report(
     completed: bool,
     out: TextIO,
     skipped: dict[str, str] | None = None,
+    idle: dict[str, object] | None = None,
 ) -> None:
     """Print each pair's table to out and, with --json, write every number to that file."""
     document: dict[str, object] = {
@@ -229,8 +248,12 @@ def report(
         "bad_reload": BAD_RELOAD,
         "completed": completed,
         "not_run": skipped or {},  # tools that could not run here, and why
+        "at_rest": idle or {},  # each supervisor with no load (idle.py)
         "scenarios": {},
     }
+    if idle:
+        print(file=out)
+        print("\n".join(rest_lines(idle)), file=out)
     scenarios_doc: dict[str, object] = {}
     for scenario in scenarios:
         pairs_doc: dict[str, object] = {}

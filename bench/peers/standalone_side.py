@@ -285,7 +285,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _socket_for(tool: Tool) -> tuple[socket.socket | None, int]:
+def socket_for(tool: Tool) -> tuple[socket.socket | None, int]:
     """The socket bound here for a tool that does not bind its own, and the port."""
     if tool.owns_socket:
         return None, free_port()
@@ -306,7 +306,7 @@ async def run_standalone(tool: Tool, scenario: Scenario, pair: Pair, ctx: RunCon
     stop = asyncio.Event()
     load_task: asyncio.Task[LoadStats] | None = None
     sampler: asyncio.Task[None] | None = None
-    listener, port = _socket_for(tool)
+    listener, port = socket_for(tool)
     control = (free_port(), free_port())
     argv = tool.argv(port, pair, workdir, listener.fileno() if listener else -1, control)
     server = Standalone(tool, argv, listener, log, control[0])
