@@ -46,6 +46,9 @@ where said:
            4 and onwards deploy healthy releases again. Sync pair only.
   slow     reload 3 deploys "slow": versioned_app sleeps 3 s at import, then serves
            version "slow". Sync pair only.
+  steady   no reload: the same load for as long as a run with reloads takes, to see what
+           each tool costs in the data path; requests/s against bare gunicorn (gunicorn-hup
+           with no HUP is gunicorn alone on the socket). Both pairs.
 
 Pairs: sync workers (which close every connection, so keep-alive clients reconnect for
 each request) and gthread workers with keep-alive (`-k gthread --threads 4 --keep-alive
@@ -228,7 +231,7 @@ def main() -> int:
         parser.error(f"unknown tools: {', '.join(sorted(unknown))} (choose from {TOOL_KEYS})")
     if args.reloads < 1 or args.rounds < 1 or args.seconds_between <= 0:
         parser.error("--reloads and --rounds must be >= 1, --seconds-between > 0")
-    if args.scenario != "healthy" and args.reloads < BAD_RELOAD:
+    if args.scenario in ("broken", "slow", "all") and args.reloads < BAD_RELOAD:
         parser.error(f"--scenario {args.scenario} needs --reloads >= {BAD_RELOAD}")
     if args.reload_timeout <= HANDOFF_READY_TIMEOUT_S:
         parser.error(

@@ -41,9 +41,11 @@ async def run_handoff(
     config = DrillConfig(
         command=gunicorn_argv("fd://{fd}", pair, preload=True),
         workers=1,
-        reloads=args.reloads,
+        reloads=scenario.reloads(args.reloads),
         ready="notify",
-        settle_s=args.seconds_between,
+        settle_s=scenario.final_load_s(args.reloads, args.seconds_between)
+        if scenario.steady
+        else args.seconds_between,
         extra_args=("--ready-timeout", f"{HANDOFF_READY_TIMEOUT_S:g}"),
         keepalive_clients=args.keepalive_clients,
         fresh_clients=args.fresh_clients,
@@ -85,7 +87,7 @@ async def run_handoff(
                 ended_at=record.hup_at + record.observed_s,
             )
         )
-    for number in range(len(reloads) + 1, args.reloads + 1):
+    for number in range(len(reloads) + 1, scenario.reloads(args.reloads) + 1):
         now = time.monotonic()
         reloads.append(
             ReloadOutcome(

@@ -136,9 +136,17 @@ def table(scenario: Scenario, pair: Pair, summaries: dict[str, Summary], rounds:
     def row(label: str, value: Callable[[Summary], str]) -> tuple[str, list[str]]:
         return label, [value(summary) for summary in tools]
 
+    bare = summaries.get("gunicorn-hup")
+
+    def against_bare(x: Summary) -> str:
+        if bare is None or not bare.requests_per_s or x.requests_per_s is None:
+            return "-"
+        return f"{x.requests_per_s / bare.requests_per_s:.2f}"
+
     rows = [
         row(f"requests ok{many}", lambda x: number(x.requests)),
         row(f"requests/s{med}", lambda x: number(x.requests_per_s)),
+        *([row("requests/s against bare gunicorn", against_bare)] if scenario.steady else []),
         row(f"p99 latency ms{med}", lambda x: number(x.p99_latency_ms, 1)),
         row(f"max latency ms{top}", lambda x: number(x.max_latency_ms, 1)),
         row(f"longest gap without a response s{top}", lambda x: number(x.longest_gap_s, 2)),

@@ -40,6 +40,14 @@ class Scenario:
     title: str
     bad_release: str | None  # VERSION_FILE content of reload BAD_RELOAD; None: all healthy
     pairs: tuple[Pair, ...]
+    steady: bool = False  # no reload: the same load for as long as the others take
+
+    def reloads(self, asked: int) -> int:
+        return 0 if self.steady else asked
+
+    def final_load_s(self, asked: int, seconds_between: float) -> float:
+        """Load after the last reload: for steady, the whole run's length."""
+        return seconds_between * (asked + 1 if self.steady else 1)
 
     def release(self, number: int) -> str:
         """VERSION_FILE content for reload number (0: the first generation)."""
@@ -61,6 +69,13 @@ SCENARIOS: Final = (
         f"reload {BAD_RELOAD} deploys a release whose import takes {SLOW_IMPORT_S:g} s",
         "slow",
         (SYNC,),
+    ),
+    Scenario(
+        "steady",
+        "no reload: the cost of the tool in the data path (against bare gunicorn)",
+        None,
+        PAIRS,
+        steady=True,
     ),
 )
 

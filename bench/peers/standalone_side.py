@@ -226,7 +226,7 @@ class Standalone:
         """Each reload after ctx.args.seconds_between of load; none once gunicorn is gone."""
         args = ctx.args
         reloads: list[ReloadOutcome] = []
-        for number in range(1, args.reloads + 1):
+        for number in range(1, scenario.reloads(args.reloads) + 1):
             await asyncio.sleep(args.seconds_between)
             version = scenario.release(number)
             if self.gone:
@@ -331,7 +331,7 @@ async def run_standalone(tool: Tool, scenario: Scenario, pair: Pair, ctx: RunCon
         load_task = asyncio.create_task(generator.run(stop))
         sampler = asyncio.create_task(timeline.run())
         reloads = await server.reload_all(generator, version_file, scenario, ctx)
-        await asyncio.sleep(args.seconds_between)
+        await asyncio.sleep(scenario.final_load_s(args.reloads, args.seconds_between))
         stop.set()
         stats = await asyncio.wait_for(load_task, REQUEST_TIMEOUT_S + KILL_WAIT_S)
         sampler.cancel()
