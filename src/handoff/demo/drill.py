@@ -200,11 +200,13 @@ async def run_drill(
     progress: Callable[[str], None] | None = None,
     *,
     on_load_started: Callable[[LoadStats], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
 ) -> DrillResult:
     """Start a master, put it under load, reload it config.reloads times, stop it.
 
     progress receives one line per step; on_load_started receives the live load
-    statistics once the load runs (for a progress display).
+    statistics once the load runs (for a progress display); on_ready the master's pid once
+    its first generation serves (to look at the master from outside: bench/soak.py).
 
     Raises:
         DrillError (from master_process): the master never became ready, or exited in the
@@ -227,6 +229,8 @@ async def run_drill(
             raise output.error(f"{exc} within {config.startup_timeout_s:g} s of start") from None
         port = bound_port(bound)
         say(f"master {process.pid} ready on 127.0.0.1:{port} with {config.workers} workers")
+        if on_ready is not None:
+            on_ready(process.pid)
 
         generator = LoadGenerator(
             LoadConfig(
