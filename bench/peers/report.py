@@ -207,6 +207,48 @@ def reload_lines(runs_by_tool: dict[str, list[RunResult]]) -> list[str]:
     return lines
 
 
+def headline(scenarios: list[Scenario], results: Results) -> list[str]:
+    """The markdown table the README and docs/benchmarks.md show: failed requests per
+    scenario per tool (every pair and round summed), and what the bad releases did."""
+    by_tool: dict[str, dict[str, list[RunResult]]] = {}
+    for scenario in scenarios:
+        for pair in scenario.pairs:
+            for key, runs in results.get((scenario.key, pair.key), {}).items():
+                by_tool.setdefault(key, {}).setdefault(scenario.key, []).extend(runs)
+    keys = [s.key for s in scenarios]
+    head = ["tool", *(f"failed: {key}" for key in keys)]
+    extra = []
+    if "broken" in keys:
+        extra.append("serving after the broken release")
+    if "slow" in keys:
+        extra.append("longest gap, slow release (s)")
+    if "healthy" in keys:
+        extra.append("median reload (s)")
+    lines = ["| " + " | ".join(head + extra) + " |", "|---" * (len(head) + len(extra)) + "|"]
+    for key, runs_by_scenario in by_tool.items():
+        cells = [TITLES.get(key, key)]
+        for scenario_key in keys:
+            runs = runs_by_scenario.get(scenario_key, [])
+            cells.append(number(sum(r.load.total_failures() for r in runs)) if runs else "-")
+        if "broken" in keys:
+            broken = runs_by_scenario.get("broken", [])
+            cells.append(
+                yes_no([r.serving_after_bad for r in broken if r.serving_after_bad is not None])
+            )
+        if "slow" in keys:
+            slow = [
+                r.longest_gap_s
+                for r in runs_by_scenario.get("slow", [])
+                if r.longest_gap_s is not None
+            ]
+            cells.append(number(max(slow), 2) if slow else "-")
+        if "healthy" in keys:
+            summary = summarise(runs_by_scenario.get("healthy", []))
+            cells.append(number(summary.reload_median_s, 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def rest_lines(idle: dict[str, object]) -> list[str]:
     """The supervisors at rest, one line each."""
     lines = [f"{'at rest, no load':<18}{'wakeups/s':>12}{'CPU ms/s':>12}  RSS MiB"]
@@ -295,5 +337,8 @@ def report(
                 "pairs": pairs_doc,
             }
     document["scenarios"] = scenarios_doc
+    document["headline"] = headline(scenarios, results)
+    print(file=out)
+    print("\n".join(document["headline"]), file=out)
     if args.json is not None:
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -3,7 +3,7 @@ tool, a few seconds each, through the same command the published run uses.
 
 Every tool must run (in CI: a tool that is not installed fails the test; elsewhere it is
 reported and skipped), every reload must bring the new code, handoff must fail nothing,
-and the pictures must be written.
+the supervisors are looked at rest, and the pictures and the headline table are written.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_one_healthy_reload_per_tool(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
     argv = [sys.executable, "-m", "bench.peers", "--scenario", "healthy", "--reloads", "1"]
     argv += ["--seconds-between", "1", "--keepalive-clients", "2", "--fresh-clients", "2"]
-    argv += ["--json", str(out)]
+    argv += ["--idle-seconds", "1", "--json", str(out)]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=280, check=False)
 
     assert run.returncode == 0, run.stdout + run.stderr
@@ -53,3 +53,7 @@ def test_one_healthy_reload_per_tool(tmp_path: Path) -> None:
     for pair in pairs:
         picture = tmp_path / f"peers-healthy-{pair}.png"
         assert picture.stat().st_size > 10_000, picture
+    at_rest = document["at_rest"]
+    assert at_rest["handoff"]["wakeups_per_s"] >= 0, at_rest
+    assert "not_measured" in at_rest["restart"], at_rest
+    assert document["headline"][0].startswith("| tool | failed: healthy"), document["headline"]
