@@ -37,6 +37,7 @@ class Summary:
 
     requests: int
     requests_per_s: float | None  # median over rounds
+    p50_latency_ms: float | None  # median over rounds
     p99_latency_ms: float | None  # median over rounds
     max_latency_ms: float | None  # max over rounds
     longest_gap_s: float | None  # max over rounds
@@ -60,6 +61,7 @@ class Summary:
         return {
             "requests": self.requests,
             "requests_per_s_median": self.requests_per_s,
+            "p50_latency_ms_median": self.p50_latency_ms,
             "p99_latency_ms_median": self.p99_latency_ms,
             "max_latency_ms": self.max_latency_ms,
             "longest_gap_without_response_s": self.longest_gap_s,
@@ -90,6 +92,9 @@ def summarise(runs: list[RunResult]) -> Summary:
     return Summary(
         requests=sum(run.load.ok for run in runs),
         requests_per_s=median([v for run in runs if (v := run.load.requests_per_s()) is not None]),
+        p50_latency_ms=median(
+            [v for run in runs if (v := run.load.median_latency_ms()) is not None]
+        ),
         p99_latency_ms=median(
             [v for run in runs if (v := run.load.latency_percentile_ms(99)) is not None]
         ),
@@ -147,6 +152,7 @@ def table(scenario: Scenario, pair: Pair, summaries: dict[str, Summary], rounds:
         row(f"requests ok{many}", lambda x: number(x.requests)),
         row(f"requests/s{med}", lambda x: number(x.requests_per_s)),
         *([row("requests/s against bare gunicorn", against_bare)] if scenario.steady else []),
+        row(f"p50 latency ms{med}", lambda x: number(x.p50_latency_ms, 1)),
         row(f"p99 latency ms{med}", lambda x: number(x.p99_latency_ms, 1)),
         row(f"max latency ms{top}", lambda x: number(x.max_latency_ms, 1)),
         row(f"longest gap without a response s{top}", lambda x: number(x.longest_gap_s, 2)),
