@@ -53,6 +53,7 @@ def draw(scenarios: list[Scenario], results: Results, directory: Path) -> list[P
         print(f"peers: no pictures: {MISSING_HINT}")
         return []
     written: list[Path] = []
+    directory.mkdir(parents=True, exist_ok=True)
     for scenario in scenarios:
         for pair in scenario.pairs:
             runs = {

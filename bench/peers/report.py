@@ -127,6 +127,7 @@ TITLES: Final = {
     "circus": "circus",
     "server-starter": "Server::Starter",
     "uwsgi": "uWSGI HUP",
+    "uwsgi-chain": "uWSGI chain",
     "handoff": "handoff",
 }
 
@@ -347,4 +348,5 @@ def report(
     print(file=out)
     print("\n".join(document["headline"]), file=out)
     if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -38,7 +38,7 @@ from .server_logs import (
     notable_lines,
     read_lines,
 )
-from .tools import Tool, circusctl_reload
+from .tools import Tool, circusctl_reload, master_fifo
 
 
 async def stop_group(process: asyncio.subprocess.Process, timeout_s: float) -> int | None:
@@ -89,6 +89,7 @@ class Standalone:
         self.listener = listener
         self.log = log
         self.control_port = control_port  # circusd's control endpoint
+        self.fifo = Path()  # uWSGI's master FIFO (uwsgi-chain)
         self.env: dict[str, str] = {}
         self.commands: list[asyncio.Task[None]] = []  # circusctl runs
         self.process: asyncio.subprocess.Process | None = None
@@ -213,6 +214,12 @@ class Standalone:
                 assert self.process is not None
                 await stop_group(self.process, STOP_TIMEOUT_S)
                 await self.start(self.env)
+            case "fifo":  # uWSGI's master FIFO: `c` is a chain reload
+                fifo = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+                try:
+                    os.write(fifo, b"c")
+                finally:
+                    os.close(fifo)
             case "circusctl":
                 # Not awaited: the reload's end is when the load sees the new version.
                 command = circusctl_reload(self.control_port)
@@ -310,6 +317,7 @@ async def run_standalone(tool: Tool, scenario: Scenario, pair: Pair, ctx: RunCon
     control = (free_port(), free_port())
     argv = tool.argv(port, pair, workdir, listener.fileno() if listener else -1, control)
     server = Standalone(tool, argv, listener, log, control[0])
+    server.fifo = master_fifo(workdir, port)
     try:
         await server.start(child_environment({"VERSION_FILE": str(version_file)}))
         if listener is not None:

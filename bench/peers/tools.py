@@ -20,6 +20,9 @@ standalone_side.py, each in its own process group:
                   connection, said with `Connection: close`), SIGHUP: its graceful reload
                   (workers finish their requests, the master re-execs itself, the socket
                   is kept).
+  uwsgi-chain     the same with `--lazy-apps` (each worker loads the app itself) and its
+                  chain reload (`c` to the master FIFO): the workers are replaced one after
+                  another, the next once the previous new one is accepting.
 
 A tool whose program is not installed is reported as such, never dropped silently.
 """
@@ -43,7 +46,7 @@ class Tool:
     key: str
     title: str
     program: str  # what must be installed (a path or a name in PATH)
-    reload_by: str  # "restart", "signal" (SIGHUP to the leader) or "circusctl"
+    reload_by: str  # "restart", "signal" (SIGHUP to the leader), "circusctl" or "fifo"
     owns_socket: bool  # the tool (not this bench) binds the port
 
     def missing(self) -> str | None:
@@ -72,9 +75,15 @@ class Tool:
                     "--",
                     *gunicorn_argv(f"fd://{FD}", pair, preload=False),
                 ]
-            case "uwsgi":
+            case "uwsgi" | "uwsgi-chain":
+                chain = (
+                    ("--lazy-apps", "--master-fifo", str(master_fifo(workdir, port)))
+                    if self.key == "uwsgi-chain"
+                    else ()
+                )
                 return [
                     self.program,
+                    *chain,
                     *("--master", "--http-socket", address),
                     *("--processes", str(GUNICORN_WORKERS), "--need-app"),
                     *("--chdir", str(APPS), "--module", "versioned_app:wsgi"),
@@ -89,6 +98,11 @@ class Tool:
                 return [self.program, str(circus_config(workdir, port, control, pair))]
             case _:
                 raise ValueError(self.key)
+
+
+def master_fifo(workdir: Path, port: int) -> Path:
+    """uWSGI's master FIFO for a chain reload (`c` written to it)."""
+    return workdir / f"uwsgi-{port}.fifo"
 
 
 def circus_config(workdir: Path, port: int, endpoints: tuple[int, int], pair: Pair) -> Path:
@@ -128,5 +142,6 @@ TOOLS: Final = (
     Tool("circus", "circus (circusctl reload)", str(BIN / "circusd"), "circusctl", True),
     Tool("server-starter", "Server::Starter (start_server)", "start_server", "signal", True),
     Tool("uwsgi", "uWSGI's own graceful reload (HUP)", str(BIN / "uwsgi"), "signal", True),
+    Tool("uwsgi-chain", "uWSGI's chain reload (--lazy-apps)", str(BIN / "uwsgi"), "fifo", True),
 )
 TOOL_KEYS: Final = (*(tool.key for tool in TOOLS), "handoff")
