@@ -348,5 +348,9 @@ def report(
     print(file=out)
     print("\n".join(document["headline"]), file=out)
     if args.json is not None:
+        from .markdown import render  # noqa: PLC0415 - it imports this module
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        tables = render(json.loads(json.dumps(document)))
+        Path(args.json).with_suffix(".md").write_text(tables, encoding="utf-8")
