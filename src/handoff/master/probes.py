@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from handoff.core import events as ev
 from handoff.core.model import GenId, Pid
@@ -23,11 +22,11 @@ from handoff.formats.worker_contract import clean_environment
 from handoff.master.http_probes import HttpTries
 from handoff.master.http_probes import finished as http_finished
 from handoff.master.logs import emit
-from handoff.master.sources import Source, Sources, Watch
+from handoff.master.short_runs import ShortRuns
+from handoff.master.sources import Source, Sources
 from handoff.master.system import System
-from handoff.master.workers import reap_watched, sweep
 from handoff.system.accepting_scan import ProcUnreadable, listen_addresses
-from handoff.system.children import Child, SpawnRequest
+from handoff.system.children import SpawnRequest
 from handoff.system.serving_scan import MAX_NET_TABLE_BYTES
 from handoff.system.sockets import Listener
 
@@ -63,14 +62,6 @@ _BLIND_HINT = (
 )
 
 
-@dataclass(slots=True)
-class Probe:
-    worker: Pid
-    child: Child
-    cancelled: bool = False
-    report: int = -1  # http: the read end of the try's report pipe
-
-
 class Probes:
     """Running probes by their own pid, and the listening sockets' inodes for /proc.
 
@@ -101,7 +92,7 @@ class Probes:
         self._unseeable: dict[Pid, float] = {}  # worker -> when to scan it again
         self._identity: WorkerIdentity | None = None
         self._warned: set[EventName | str] = set()
-        self._running: dict[Pid, Probe] = {}
+        self._runs: ShortRuns[Pid] = ShortRuns(system, sources, Source.PROBE)  # by worker
         self._http = HttpTries(ready, listeners, environ)
 
     def run_as(self, identity: WorkerIdentity | None) -> None:
@@ -110,7 +101,7 @@ class Probes:
 
     def pids(self) -> list[Pid]:
         """The probe processes' own pids (they are the master's children too)."""
-        return list(self._running)
+        return self._runs.pids()
 
     def run(self, worker: Pid, gen: GenId, slot: int) -> ev.ProbeFinished | None:
         """Start one probe of the worker: a scan answers at once, a command when it exits."""
@@ -123,7 +114,7 @@ class Probes:
             HANDOFF_WORKER_PID=str(worker), HANDOFF_GENERATION=str(gen), HANDOFF_WORKER=str(slot)
         )
         try:
-            child = self._system.spawn(
+            self._runs.start(
                 SpawnRequest(
                     executable="/bin/sh",
                     argv=["sh", "-c", self._ready.command],
@@ -133,13 +124,11 @@ class Probes:
                     # The worker's own directory (its release, even if `current` was
                     # flipped again since), entered by the probe: the master looks nowhere.
                     cwd=f"/proc/{worker}/cwd",
-                )
+                ),
+                worker,
             )
         except SpawnError as exc:
             return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)
-        self._running[child.pid] = Probe(worker, child)
-        # The watch names the probe (see the class docstring); the loop hands it to on_exit.
-        self._sources.watch(child.pidfd, Watch(Source.PROBE, child.pid))
         return None
 
     def _http_try(self, worker: Pid) -> ev.ProbeFinished | None:
@@ -157,15 +146,13 @@ class Probes:
         except SpawnError as exc:
             return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)
         try:
-            child = self._system.spawn(request)
+            self._runs.start(request, worker, report)
         except SpawnError as exc:
             os.close(report)
             return ev.ProbeFinished(pid=worker, ok=False, detail=exc.message)
         finally:
             if request.output is not None:
                 os.close(request.output)
-        self._running[child.pid] = Probe(worker, child, report=report)
-        self._sources.watch(child.pidfd, Watch(Source.PROBE, child.pid))
         return None
 
     def _scan(self, worker: Pid) -> ev.ProbeFinished:
@@ -207,34 +194,23 @@ class Probes:
 
     def cancel(self, worker: Pid) -> None:
         self._http.forget(worker)
-        for probe in self._running.values():
-            if probe.worker == worker and not probe.cancelled:
-                probe.cancelled = True
-                self._system.kill_tree(probe.child.pid)
+        self._runs.cancel(lambda key: key == worker)
 
     def on_exit(self, probe_pid: Pid) -> ev.ProbeFinished | None:
         """A probe's pidfd is readable: reap it; its exit status answers (unless cancelled).
 
         probe_pid is the probe's own pid (its watch's). An unknown one is ignored.
         """
-        probe = self._running.get(probe_pid)
-        if probe is None:
+        finished = self._runs.finish(probe_pid)
+        if finished is None:
             return None
-        status = reap_watched(self._system, self._sources, probe.child)
-        if status is None:
-            return None
-        del self._running[probe_pid]
-        if probe.report >= 0:
-            result = http_finished(probe.worker, probe.report, status)
-            return None if probe.cancelled else result
+        probe, status = finished
         if probe.cancelled:
             return None
-        return ev.ProbeFinished(pid=probe.worker, ok=status.success, detail=status.describe())
+        if probe.report >= 0:
+            return http_finished(probe.key, probe.report, status)
+        return ev.ProbeFinished(pid=probe.key, ok=status.success, detail=status.describe())
 
     def kill_all(self) -> None:
         """At shutdown: kill and reap every probe still running."""
-        for probe in self._running.values():
-            sweep(self._system, self._sources, probe.child)
-            if probe.report >= 0:
-                os.close(probe.report)
-        self._running.clear()
+        self._runs.kill_all()

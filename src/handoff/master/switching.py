@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from handoff.core import actions as act
 from handoff.core import events as ev
@@ -32,12 +31,12 @@ from handoff.formats.worker_contract import clean_environment
 from handoff.master.holdings import Holdings
 from handoff.master.http_probes import finished as http_finished
 from handoff.master.logs import emit
-from handoff.master.sources import Source, Sources, Watch
+from handoff.master.short_runs import ShortRuns
+from handoff.master.sources import Source, Sources
 from handoff.master.system import System
-from handoff.master.workers import reap_watched, sweep
 from handoff.system import http_probe
 from handoff.system.capabilities import pidfd_getfd_refusal
-from handoff.system.children import Child, SpawnRequest
+from handoff.system.children import SpawnRequest
 from handoff.system.detach import Detachment, Registration
 
 _NO_DETACH_HINT = (
@@ -48,16 +47,6 @@ _NO_DETACH_HINT = (
 _NO_PARKING = "--keep-previous parks nothing: a worker still on the socket cannot be kept"
 
 Outcome = list[act.Report | ev.Event]
-
-
-@dataclass(slots=True)
-class Check:
-    """A --verify check running: its process and, for http:, its report pipe."""
-
-    gen: GenId
-    child: Child
-    report: int = -1
-    cancelled: bool = False  # killed: its exit answers nothing
 
 
 class Switching:
@@ -86,7 +75,7 @@ class Switching:
             (t for lst in listeners if (t := http_probe.probe_target(lst.sock)) is not None), None
         )
         self._parked: dict[Pid, list[Registration]] = {}  # what detach removed, to put back
-        self._checks: dict[Pid, Check] = {}  # by the check process's pid
+        self._checks: ShortRuns[GenId] = ShortRuns(system, sources, Source.VERIFY)
         # Asked once: a refusal is the host's setup, and lasts for this master's life.
         self._detach_refused = detach_check()
         if self._detach_refused:
@@ -100,7 +89,7 @@ class Switching:
 
     def pids(self) -> list[Pid]:
         """The check processes' own pids (they are the master's children too)."""
-        return list(self._checks)
+        return self._checks.pids()
 
     # -- detach and reattach ------------------------------------------------------------
 
@@ -177,7 +166,7 @@ class Switching:
         try:
             request, report = self._check(self._verify, gen)
             try:
-                child = self._system.spawn(request)
+                self._checks.start(request, gen, report)
             finally:
                 if request.output is not None:
                     os.close(request.output)
@@ -186,8 +175,6 @@ class Switching:
                 os.close(report)
             why = exc.message if isinstance(exc, SpawnError) else exc.strerror
             return ev.VerifyFinished(gen=gen, ok=False, detail=f"cannot run the check: {why}")
-        self._checks[child.pid] = Check(gen, child, report)
-        self._sources.watch(child.pidfd, Watch(Source.VERIFY, child.pid))
         return None
 
     def _check(self, spec: VerifySpec, gen: GenId) -> tuple[SpawnRequest, int]:
@@ -215,35 +202,23 @@ class Switching:
 
     def on_exit(self, check_pid: Pid) -> ev.VerifyFinished | None:
         """A check's pidfd is readable: reap it; its exit status (or report) answers."""
-        check = self._checks.get(check_pid)
-        if check is None:
+        finished = self._checks.finish(check_pid)
+        if finished is None:
             return None
-        status = reap_watched(self._system, self._sources, check.child)
-        if status is None:
-            return None
-        del self._checks[check_pid]
+        check, status = finished
         if check.cancelled:
-            if check.report >= 0:
-                os.close(check.report)
             return None
         if check.report >= 0:
             answer = http_finished(Pid(0), check.report, status)
-            return ev.VerifyFinished(gen=check.gen, ok=answer.ok, detail=answer.detail)
+            return ev.VerifyFinished(gen=check.key, ok=answer.ok, detail=answer.detail)
         spec = self._verify
         command = spec.describe() if spec is not None else "the check"
         detail = f"{command} {status.describe()}"
-        return ev.VerifyFinished(gen=check.gen, ok=status.success, detail=detail)
+        return ev.VerifyFinished(gen=check.key, ok=status.success, detail=detail)
 
     def _cancel_checks(self) -> None:
-        for check in self._checks.values():
-            if not check.cancelled:
-                check.cancelled = True
-                self._system.kill_tree(check.child.pid)
+        self._checks.cancel(lambda _: True)
 
     def kill_all(self) -> None:
         """At shutdown: kill and reap every check still running."""
-        for check in self._checks.values():
-            sweep(self._system, self._sources, check.child)
-            if check.report >= 0:
-                os.close(check.report)
-        self._checks.clear()
+        self._checks.kill_all()
