@@ -167,17 +167,28 @@ class Generations:
         gen.state = GenerationState.ACTIVE
         gen.parked_until = None
         out.append(act.CancelTimer(key=TimerKey(TimerKind.KEEP_PREVIOUS, gen.id)))
-        serving = set()
-        for worker in gen.live_workers():
-            if worker.state is WorkerState.PARKED:
-                self.workers.unpark(worker, out)
-                serving.add(worker.slot)
-        out.append(act.report(EventName.GENERATION_RESTORED, gen=gen.id, workers=len(serving)))
-        for slot in range(gen.size):
-            if slot not in serving and slot not in gen.spawning:
-                self.spawn(gen, slot, out)
+        unparked, _ = self.put_back(gen, out)
+        out.append(act.report(EventName.GENERATION_RESTORED, gen=gen.id, workers=unparked))
         if gen.size != target:
             self.resize(gen, target, out)
+
+    def put_back(self, gen: Generation, out: list[act.Action]) -> tuple[int, int]:
+        """Its parked workers back on the socket, then a new worker in every slot that has
+        none (ready, starting, being spawned or waiting for its respawn): a rollback, or a
+        --rollout undone. How many were (put back, started)."""
+        parked = [w for w in gen.live_workers() if w.state is WorkerState.PARKED]
+        for worker in parked:
+            self.workers.unpark(worker, out)
+        on = (WorkerState.READY, WorkerState.STARTING)
+        filled = {w.slot for w in gen.live_workers() if w.state in on} | gen.spawning
+        empty = [
+            slot
+            for slot in range(gen.size)
+            if slot not in filled and not self.respawns.waiting(gen.id, slot)
+        ]
+        for slot in empty:
+            self.spawn(gen, slot, out)
+        return len(parked), len(empty)
 
     def drain(
         self,

@@ -28,7 +28,7 @@ import math
 from typing import TYPE_CHECKING
 
 from handoff.core import actions as act
-from handoff.core.model import Generation, GenerationState, MasterState, Worker, WorkerState
+from handoff.core.model import GenerationState, MasterState, WorkerState
 from handoff.formats.log_events import EventName
 
 if TYPE_CHECKING:
@@ -73,7 +73,8 @@ def step(self: Supervisor, out: list[act.Action]) -> None:
     if new.ready_count() < new.admitted or new.admitted >= new.size:
         return  # the batch is not ready yet; or the last one is asked for
     keep = self.policy.keep_previous_s > 0
-    serving = sorted(_in(old, WorkerState.READY), key=lambda w: w.slot, reverse=True)
+    ready = (w for w in old.live_workers() if w.state is WorkerState.READY)
+    serving = sorted(ready, key=lambda w: w.slot, reverse=True)
     excess = len(serving) - max(0, old.size - new.admitted)
     for worker in serving[: max(0, excess)]:
         if not (keep and self._gens.workers.park(worker, out)):
@@ -114,19 +115,6 @@ def undo(self: Supervisor, out: list[act.Action]) -> None:
     old = self.generation_in(GenerationState.ACTIVE)
     if old is None or self.state is not MasterState.RUNNING:
         return
-    restored = 0
-    for worker in _in(old, WorkerState.PARKED):
-        self._gens.workers.unpark(worker, out)
-        restored += 1
-    filled = {w.slot for w in _in(old, WorkerState.READY, WorkerState.STARTING)}
-    filled.update(old.spawning)
-    for slot in range(old.size):
-        if slot not in filled and not self._gens.respawns.waiting(old.id, slot):
-            self._gens.spawn(old, slot, out)
-            restored += 1
+    restored = sum(self._gens.put_back(old, out))
     if restored:
         out.append(act.report(EventName.GENERATION_RESTORED, gen=old.id, workers=restored))
-
-
-def _in(gen: Generation, *states: WorkerState) -> list[Worker]:
-    return [w for w in gen.live_workers() if w.state in states]

@@ -192,10 +192,12 @@ class Answers:
 
     def _progress(self, report: act.Report) -> None:
         gen = report.fields.get("gen")
-        reloads = {**self.waiting.reloads}
+        if report.event not in PROGRESS_EVENTS or not isinstance(gen, int):
+            return
+        reloads = {**self.waiting.reloads}  # with the rollbacks' restarts, waited for alike
         for target, clients in self.waiting.rollbacks.items():
             reloads[target] = [*reloads.get(target, []), *clients]
-        if report.event not in PROGRESS_EVENTS or not reloads or not isinstance(gen, int):
+        if not reloads:
             return
         message = progress_message(report, self._view().generation(GenId(gen)))
         if message is None:
