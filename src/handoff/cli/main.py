@@ -30,6 +30,7 @@ from handoff.errors import (
 from handoff.formats import options
 from handoff.formats.http_check import StatusRanges
 from handoff.formats.options import LogFormat, RunConfig, Timeouts
+from handoff.formats.rescue_request import Forwarded, RescueOptions
 from handoff.master.logs import configure
 from handoff.master.resume_state import PREFLIGHT_VARIABLE, RESUME_VARIABLE
 from handoff.master.serve import serve
@@ -104,6 +105,9 @@ def run(
     verify_interval: float,
     rollback_after: int,
     rollout: options.RolloutSpec | None,
+    rescue_keepalive: bool,
+    rescue_hold: float,
+    rescue_forwarded: str,
     chdir: str | None,
     env_files: tuple[str, ...],
     pidfile: str | None,
@@ -174,6 +178,11 @@ def run(
             verify_interval_s=verify_interval,
             rollback_after=rollback_after,
             rollout=rollout or options.RolloutSpec(),
+        ),
+        rescue=RescueOptions(
+            enabled=rescue_keepalive,
+            hold_s=rescue_hold,
+            forwarded=Forwarded(rescue_forwarded),
         ),
     )
     if PREFLIGHT_VARIABLE in os.environ:  # this is the pre-flight of an upgrade

@@ -14,6 +14,7 @@ from handoff.formats import options
 from handoff.formats.http_check import parse_statuses
 from handoff.formats.http_request import parse_health_address
 from handoff.formats.options import LogFormat
+from handoff.formats.rescue_request import DEFAULT_HOLD_S, Forwarded
 from handoff.master.logs import LEVELS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -254,12 +255,42 @@ ROLLBACK_OPTIONS = [
 ]
 
 
+# Keep-alive rescue: docs/rescue.md.
+RESCUE_OPTIONS = [
+    click.option(
+        "--rescue-keepalive",
+        is_flag=True,
+        default=False,
+        help="At a reload, keep each old worker's keep-alive connections open past its "
+        "shutdown and hand the next request on each to the new generation (plain HTTP/1.x "
+        "only; needs pidfd_getfd and ptrace rights over the workers).",
+    ),
+    click.option(
+        "--rescue-hold",
+        metavar="SECONDS",
+        type=_duration("--rescue-hold"),
+        default=str(DEFAULT_HOLD_S),
+        show_default=True,
+        help="How long a rescued idle connection waits for the client's next request; keep "
+        "it below the server's own keep-alive timeout.",
+    ),
+    click.option(
+        "--rescue-forwarded",
+        type=click.Choice([f.value for f in Forwarded]),
+        default=Forwarded.NONE.value,
+        show_default=True,
+        help="Tell the app the rescued request's client address (it comes from the master).",
+    ),
+]
+
+
 _AFTER_GIVE_UP = 12  # the rollback options come after --give-up-after in --help
 
 
 def run_options(command: F) -> F:
     """Every option of ``handoff run``, in the order --help lists them."""
     after = _AFTER_GIVE_UP
-    for option in reversed([*RUN_OPTIONS[:after], *ROLLBACK_OPTIONS, *RUN_OPTIONS[after:]]):
+    ordered = [*RUN_OPTIONS[:after], *ROLLBACK_OPTIONS, *RESCUE_OPTIONS, *RUN_OPTIONS[after:]]
+    for option in reversed(ordered):
         command = option(command)
     return command

@@ -24,8 +24,12 @@ class SpawnWorker:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendSignal:
+    """Signal the worker; rescue (--rescue-keepalive, an old worker's stop signal while
+    another generation serves): copy its connections first (master/rescue.py)."""
+
     pid: Pid
     signal: signal.Signals
+    rescue: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -61,6 +61,9 @@ class Policy:
     # Between removing an old worker's listening registration and its stop signal: time
     # for connections it accepted just before to be read. 0: signal at once.
     settle_s: float = DEFAULT_SETTLE_S
+    # --rescue-keepalive: an old worker's connections are copied before its stop signal
+    # (not when the master stops: no generation would take them).
+    rescue_keepalive: bool = False
 
     @classmethod
     def from_config(cls, config: RunConfig) -> Policy:
@@ -79,6 +82,7 @@ class Policy:
             rollback_after=config.rollback.rollback_after,
             rollout_count=config.rollback.rollout.count,
             rollout_percent=config.rollback.rollout.percent,
+            rescue_keepalive=config.rescue.enabled,
         )
 
 

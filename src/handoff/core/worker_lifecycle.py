@@ -55,6 +55,8 @@ class WorkerLifecycle:
         self._workers: dict[Pid, Worker] = {}
         # Settling workers still on the sockets (the master stops): detached at their signal.
         self._accepting: set[Pid] = set()
+        # Workers whose stop signal comes with a rescue of their connections.
+        self._rescued: set[Pid] = set()
 
     def get(self, pid: Pid) -> Worker | None:
         return self._workers.get(pid)
@@ -154,13 +156,18 @@ class WorkerLifecycle:
         worker stays on the sockets through the settle to take what is queued, and is
         detached just before its stop signal. A parked worker, off the socket already, is
         signalled at once."""
+        rescue = self._policy.rescue_keepalive and not accept_until_signal
         if worker.state is WorkerState.PARKED:
+            if rescue:
+                self._rescued.add(worker.pid)
             worker.state = WorkerState.SETTLING
             self.signal_stop(worker, out)
             return
         if worker.state not in (WorkerState.STARTING, WorkerState.READY):
             return
         worker.state = WorkerState.SETTLING
+        if rescue:
+            self._rescued.add(worker.pid)
         worker.respawn_reason = respawn_reason
         self._readiness.forget(worker, out)
         if accept_until_signal and self._policy.settle_s > 0:
@@ -181,7 +188,9 @@ class WorkerLifecycle:
         if worker.pid in self._accepting:
             self._accepting.discard(worker.pid)
             out.append(act.DetachListeners(pid=worker.pid))
-        out.append(act.SendSignal(pid=worker.pid, signal=self._policy.stop_signal))
+        rescue = worker.pid in self._rescued
+        self._rescued.discard(worker.pid)
+        out.append(act.SendSignal(pid=worker.pid, signal=self._policy.stop_signal, rescue=rescue))
         key = TimerKey(TimerKind.DRAIN, worker.pid)
         out.append(act.StartTimer(key=key, delay_s=self._policy.drain_timeout_s))
 
@@ -202,6 +211,7 @@ class WorkerLifecycle:
         """Any live state -> EXITED: forget the worker, say whether it was lost."""
         worker = self._workers.pop(pid, None)
         self._accepting.discard(pid)
+        self._rescued.discard(pid)
         if worker is None:
             raise InvalidTransition(f"pid {pid} reported exited but is not a live worker")
         was = worker.state

@@ -11,7 +11,7 @@ import math
 import re
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
 
@@ -23,6 +23,7 @@ from handoff.formats.http_check import (
     parse_path,
 )
 from handoff.formats.identity import WorkerIdentity
+from handoff.formats.rescue_request import RescueOptions
 
 BIND_FORMS: Final = "HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N, fd:NAME"
 DEFAULT_BIND: Final = "127.0.0.1:8000"
@@ -391,6 +392,7 @@ class RunConfig:
     health: BindSpec | None = None  # --health: the health endpoint
     give_up_after: int = 0  # --give-up-after: crashes in a row of every worker; 0: never
     rollback: RollbackOptions = RollbackOptions()  # --keep-previous, --verify, ...
+    rescue: RescueOptions = field(default_factory=RescueOptions)  # --rescue-keepalive, ...
 
 
 def parse_group(text: str) -> int:

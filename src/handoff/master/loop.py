@@ -13,13 +13,13 @@ touches a process goes through ``system.System``.
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final, Protocol, assert_never
 
 from handoff.core import actions as act
 from handoff.core import events as ev
 from handoff.core.machine import Supervisor
-from handoff.core.model import MasterState
+from handoff.core.model import MasterState, Pid
 from handoff.core.policy import Policy
 from handoff.core.snapshot import MachineSnapshot
 from handoff.core.timers import Timers
@@ -33,7 +33,8 @@ from handoff.master.listener_closing import at_stop
 from handoff.master.logs import LineWriter, emit
 from handoff.master.probes import Probes
 from handoff.master.reexec import signal_and_wait
-from handoff.master.resume_state import ResumeState, this_version
+from handoff.master.rescue import open_rescue
+from handoff.master.resume_state import ResumeState
 from handoff.master.sources import (
     SignalSource,
     Source,
@@ -120,6 +121,10 @@ class MasterLoop:
         )
         self._control: ControlServer | None = None
         self._health = open_health(config, holdings, self._sources, system.clock, self)
+        self._rescue = open_rescue(config, holdings, self._sources, system.clock, self._machine)
+        # What keeps deadlines of its own besides the machine's timers (and control's).
+        self._timed: list[Timed] = [self._systemd, self._upgrades, self._workers, self._health]
+        self._timed.append(self._rescue)
         self._exit: act.Exit | None = None
         self.exit_reason = ""
 
@@ -145,7 +150,8 @@ class MasterLoop:
 
     def counters(self) -> dict[str, int]:
         """What status counts, carried across re-execs."""
-        return self._holdings.counters(self._log.dropped if self._log is not None else 0)
+        own = self._holdings.counters(self._log.dropped if self._log is not None else 0)
+        return {**own, **self._rescue.counters()}
 
     def upgrade(self, source: str) -> str | None:
         """Start an upgrade's pre-flight (or join the one running); why not, if refused."""
@@ -188,14 +194,14 @@ class MasterLoop:
         if self._control is not None:
             self._control.adopt_clients(self._carried.clients)
         if resumed.reason == "upgrade":
-            was = self._carried.version
-            emit(EventName.UPGRADE_SUCCEEDED, version=this_version(), was=was)
-            self._answer_upgrade(ok=True, version=this_version(), was=was)
+            self._upgrades.succeeded(self._carried.version)
 
     def _watch_sources(self) -> None:
         self._control = open_control(
             self._config, self._holdings, self, self._sources, self._system.clock
         )
+        if self._control is not None:
+            self._timed.append(self._control)
         self._sources.watch(self._inbox.fileno(), Watch(Source.SIGNALS))
         self._sources.watch(self._notify.fileno(), Watch(Source.NOTIFY))
         self._sources.watch(self._warden.pidfd, Watch(Source.WARDEN))
@@ -205,13 +211,9 @@ class MasterLoop:
         """What the code this master execs needs to take over (master/reexec.py); without
         the machine's snapshot if that fails (the new master asks the kernel instead)."""
         control = self._control
-        try:
-            machine: MachineSnapshot | None = self._machine.snapshot(self._timers.deadlines())
-        except Exception:
-            machine = None
         return self._holdings.capture(
             reason,
-            machine=machine,
+            machine=_snapshot(self._machine, self._timers),
             control=None if control is None else control.handover(),
             started_at=self._started_at,
             counters=self.counters(),
@@ -220,10 +222,7 @@ class MasterLoop:
 
     def turn(self) -> None:
         """Wait for what is next, and handle everything that woke the loop."""
-        # What keeps deadlines of its own besides the machine's timers.
-        timed: list[Timed] = [self._systemd, self._upgrades, self._workers, self._health]
-        if self._control is not None:
-            timed.append(self._control)
+        timed = self._timed
         due = [self._timers.next_deadline(), *(part.next_deadline() for part in timed)]
         deadlines = [deadline for deadline in due if deadline is not None]
         timeout = max(0.0, min(deadlines) - self._system.clock()) if deadlines else None
@@ -247,7 +246,8 @@ class MasterLoop:
                 for sig in self._inbox.drain():
                     self._on_signal(sig)
             case Source.WORKER:
-                self._feed_optional(self._workers.on_exit(watch.pid))
+                exited = self._workers.on_exit(watch.pid)
+                self._feed_optional(self._rescue.exited(watch.pid, exited))
             case Source.OUTPUT:
                 self._output.on_ready(watch.fd)
             case Source.NOTIFY:
@@ -271,6 +271,8 @@ class MasterLoop:
                 self._upgrades.on_exit()
             case Source.HEALTH:
                 self._health.on_ready(watch.fd, wakeup.readable, wakeup.writable)
+            case Source.RESCUE:
+                self._rescue.on_ready(watch.fd, wakeup.readable, wakeup.writable)
             case _:
                 assert_never(watch.source)
 
@@ -281,10 +283,8 @@ class MasterLoop:
         elif sig is signal.SIGUSR2:
             self.upgrade(source=sig.name)
         elif sig is signal.SIGCHLD:
-            tracked = {*self._workers.pids(), *self._probes.pids(), *self._upgrades.pids()}
-            tracked.update(self._switching.pids())
-            for pid in self._system.reap_strays(tracked | self._helpers):
-                emit(EventName.STRAY_REAPED, Level.DEBUG, pid=pid)
+            parts = (self._workers, self._probes, self._upgrades, self._switching)
+            _reap_strays(self._system, parts, self._helpers)
 
     def _answer_upgrade(self, **fields: object) -> None:
         if self._control is not None:
@@ -302,16 +302,14 @@ class MasterLoop:
         if gracefully:
             drain = self._config.timeouts.drain_s
             signal_and_wait(self._workers.children(), self._config.stop_signal, drain)
-        self._workers.kill_all()
-        self._probes.kill_all()
-        self._switching.kill_all()
+        for children in (self._workers, self._probes, self._switching):
+            children.kill_all()
         for pid in self._system.kill_strays(self._helpers):
             emit(EventName.STRAY_KILLED, Level.WARNING, pid=pid)
-        if self._control is not None:
-            self._control.close()
-        self._health.close()
-        self._systemd.close()
-        self._sources.close()
+        owned = (self._rescue, self._control, self._health, self._systemd, self._sources)
+        for part in owned:
+            if part is not None:
+                part.close()
 
     # -- feeding the machine ------------------------------------------------------------
 
@@ -333,8 +331,10 @@ class MasterLoop:
         match action := self._output.annotate(action):  # a failed start: its last output
             case act.SpawnWorker(gen=gen, slot=slot):
                 self._feed(self._workers.spawn(gen, slot, self._notify.address))
-            case act.SendSignal(pid=pid, signal=sig):
+            case act.SendSignal(pid=pid, signal=sig, rescue=rescue):
                 child = self._workers.get(pid)
+                if child is not None and rescue:
+                    self._rescue.before_signal(pid)
                 if child is not None and self._system.send_signal(child, sig):
                     emit(EventName.WORKER_SIGNALLED, Level.DEBUG, pid=pid, signal=sig.name)
             case act.DetachListeners(pid=pid):
@@ -346,6 +346,7 @@ class MasterLoop:
             case act.StopTakingConnections() | act.CloseListeners():
                 self._holdings.dropped_connections += at_stop(action, self._listeners)
             case act.KillTree(pid=pid):
+                self._rescue.worker_gone(pid, killed=True)
                 self._system.kill_tree(pid)
             case act.StartTimer(key=key, delay_s=delay):
                 self._timers.start(key, self._system.clock() + delay)
@@ -370,3 +371,22 @@ class MasterLoop:
 
     def _update_title(self) -> None:
         self._system.set_title(process_title(self._machine, self._config.name))
+
+
+def _snapshot(machine: Supervisor, timers: Timers) -> MachineSnapshot | None:
+    try:
+        return machine.snapshot(timers.deadlines())
+    except Exception:
+        return None  # the new master asks the kernel instead
+
+
+class Tracking(Protocol):
+    """A part of the loop with children of its own (not strays)."""
+
+    def pids(self) -> list[Pid]: ...
+
+
+def _reap_strays(system: System, parts: Iterable[Tracking], helpers: set[Pid]) -> None:
+    tracked = {pid for part in parts for pid in part.pids()} | helpers
+    for pid in system.reap_strays(tracked):
+        emit(EventName.STRAY_REAPED, Level.DEBUG, pid=pid)

@@ -37,6 +37,7 @@ class Source(Enum):
     CONTROL = auto()
     CLIENT = auto()
     HEALTH = auto()  # the --health listener and its clients (by fd)
+    RESCUE = auto()  # a rescued keep-alive connection, or its relay to the new generation
 
 
 NO_PID: Final = Pid(0)
@@ -122,9 +123,9 @@ class Sources:
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
 
-    def watch(self, fd: int, watch: Watch, *, write: bool = False) -> None:
+    def watch(self, fd: int, watch: Watch, *, write: bool = False, read: bool = True) -> None:
         """Wait for fd to be readable (and writable with write); re-watching replaces."""
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
         try:
             self._selector.modify(fd, events, watch)
         except KeyError:

@@ -140,6 +140,11 @@ class Upgrades:
         self._answer = answer
         self._running: Preflight | None = None
 
+    def succeeded(self, was: str) -> None:
+        """This master is the upgrade's new code, taken over: say so, to the clients too."""
+        emit(EventName.UPGRADE_SUCCEEDED, version=this_version(), was=was)
+        self._answer(ok=True, version=this_version(), was=was)
+
     def pids(self) -> list[Pid]:
         return [] if self._running is None else [self._running.child.pid]
 

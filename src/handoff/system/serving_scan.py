@@ -197,6 +197,19 @@ def accepted_through_fds(held: Held, addresses: ListenAddresses) -> tuple[str | 
 def _accepted_on(fd: int, inode: int, addresses: ListenAddresses) -> str | None:
     """If the socket (our copy fd, closed here) is a connection accepted on a listener:
     which listener."""
+    found = accepted_connection(fd, inode, addresses)
+    if found is None:
+        return None
+    found[0].close()
+    return found[1]
+
+
+def accepted_connection(
+    fd: int, inode: int, addresses: ListenAddresses
+) -> tuple[socket.socket, str] | None:
+    """If the socket (a copy fd, taken over here) is a connection accepted on a listener:
+    the socket object over it and which listener; else None, and fd is closed. Only
+    asked of the kernel: the file's flags, shared with the process it came from, stay."""
     try:
         if os.fstat(fd).st_ino != inode:
             os.close(fd)
@@ -205,19 +218,26 @@ def _accepted_on(fd: int, inode: int, addresses: ListenAddresses) -> str | None:
     except OSError:
         os.close(fd)
         return None
-    with sock:
-        try:
-            if sock.type != socket.SOCK_STREAM or sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_ACCEPTCONN
-            ):
-                return None
-            sock.getpeername()  # connected (raises ENOTCONN otherwise)
-            local = sock.getsockname()
-        except OSError:
+    on = _listener_of_connection(sock, addresses)
+    if on is None:
+        sock.close()
+        return None
+    return sock, on
+
+
+def _listener_of_connection(sock: socket.socket, addresses: ListenAddresses) -> str | None:
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
             return None
-        if sock.family == socket.AF_UNIX:
-            name = unix_name(local)
-            return f"unix:{name}" if name and name in addresses.unix else None
-        listening = addresses.tcp4 if sock.family == socket.AF_INET else addresses.tcp6
-        on = listener_of(TcpEndpoint(str(local[0]), int(local[1])), listening)
-        return str(on) if on is not None else None
+        sock.getpeername()  # connected (raises ENOTCONN otherwise)
+        local = sock.getsockname()
+    except OSError:
+        return None
+    if sock.family == socket.AF_UNIX:
+        name = unix_name(local)
+        return f"unix:{name}" if name and name in addresses.unix else None
+    listening = addresses.tcp4 if sock.family == socket.AF_INET else addresses.tcp6
+    on = listener_of(TcpEndpoint(str(local[0]), int(local[1])), listening)
+    return str(on) if on is not None else None

@@ -1,0 +1,374 @@
+"""Keep-alive rescue (``--rescue-keepalive``): no keep-alive request lost at a reload.
+
+A server that closes its idle keep-alive connections when it starts shutting down races
+every client about to reuse one: the client's next request meets a closed connection.
+With rescue, just before an old worker's stop signal the master copies the worker's
+connections (system/rescue_copies.py), so the worker's close sends no FIN. Then, for
+``WINDOW_S`` after the signal, it looks every ``LOOK_S`` which connections the worker let
+go of, and judges each from the kernel's counters (formats/rescue_rules.py):
+
+- at a request boundary and idle: held for the client's next request, at most
+  ``--rescue-hold`` seconds; a client EOF closes it at once;
+- bytes waiting: handed on if they are one plain HTTP/1.x request
+  (formats/rescue_request.py), through the listener to the new generation with
+  ``Connection: close``, its response relayed once (master/rescue_relay.py);
+- anything else, or any doubt: released, the master's copy closed at once, and the client
+  sees exactly what it would have seen without rescue.
+
+Connections the worker still holds when the window closes, or when it is killed, are
+released the same way. Bounded: at most ``MAX_CONNECTIONS`` copies at once, and at most
+``MAX_LOOKS`` lookups per loop turn. docs/rescue.md has the rules and the limits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Final, Protocol
+
+from handoff.core import events as ev
+from handoff.core.model import MasterState, Pid
+from handoff.formats.log_events import EventName, Level
+from handoff.formats.options import RunConfig
+from handoff.formats.rescue_request import MAX_HEAD, Forwarded, Request, read_request, rewrite
+from handoff.formats.rescue_rules import Release, Verdict, judge
+from handoff.master.holdings import Holdings
+from handoff.master.logs import emit
+from handoff.master.rescue_counts import RescueCounts
+from handoff.master.rescue_relay import Relay, Step
+from handoff.master.sources import Source, Sources, Watch
+from handoff.system.rescue_copies import (
+    Copy,
+    copy_connections,
+    read_counters,
+    still_held,
+    unavailable,
+)
+from handoff.system.serving_scan import ListenAddresses, listen_addresses
+
+WINDOW_S: Final = 0.5  # after the stop signal: a close later than this is not trusted
+LOOK_S: Final = 0.002  # between looks at the connections a worker still holds
+MAX_CONNECTIONS: Final = 1024  # copies held at once, all workers together
+MAX_LOOKS: Final = 512  # /proc lookups per loop turn
+# A worker that answered after its stop signal and then closed: how long its client may
+# take to send again before the last response counts as the end (Verdict.WAIT).
+ANSWER_GRACE_S: Final = 0.1
+
+
+class Phase(Enum):
+    WATCHED = auto()  # the worker still holds it
+    HELD = auto()  # let go at a request boundary: waiting for the client's request
+    RELAYING = auto()
+
+
+@dataclass(slots=True)
+class Rescued:
+    copy: Copy
+    worker: Pid
+    window_ends: float
+    phase: Phase = Phase.WATCHED
+    let_go: bool = False  # WATCHED: the worker let go, its last bytes not acknowledged yet
+    deadline: float = 0.0  # HELD: the hold's end; RELAYING: the relay's
+    on_timeout: Release = Release.HOLD_TIMEOUT  # HELD: why it goes at the deadline
+    received: bytearray = field(default_factory=bytearray)  # HELD: the request so far
+    relay: Relay | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RescueSettings:
+    hold_s: float
+    forwarded: Forwarded
+    relay_timeout_s: float  # the drain timeout: a rescued request gets as long as any
+
+
+class Rescue:
+    """The master's rescued connections; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: RescueSettings,
+        addresses: ListenAddresses,
+        *,
+        listener_inodes: frozenset[int],
+        sources: Sources,
+        clock: Callable[[], float],
+        carried: Mapping[str, int],
+    ) -> None:
+        self._settings = settings
+        self._addresses = addresses
+        self._listener_inodes = listener_inodes
+        self._sources = sources
+        self._clock = clock
+        self._by_fd: dict[int, Rescued] = {}  # the client socket's fd, and a relay's upstream
+        self._counts = RescueCounts(carried)
+        self._serving: Callable[[], bool] = lambda: True
+        self._next_look = 0.0
+        self._unavailable: str | None = None
+
+    def serving_while(self, serving: Callable[[], bool]) -> None:
+        """Hand requests on only while this says a generation serves (not at a stop)."""
+        self._serving = serving
+
+    def check_available(self) -> None:
+        """Ask the kernel once whether rescue can work here; if not, say so and stay off."""
+        self._unavailable = unavailable()
+        if self._unavailable is not None:
+            emit(
+                EventName.RESCUE_UNAVAILABLE,
+                Level.WARNING,
+                reason=self._unavailable,
+                hint="keep-alive connections are not rescued at reloads; run the master as "
+                "root or with CAP_SYS_PTRACE, and allow pidfd_getfd (docs/rescue.md)",
+            )
+
+    # -- the loop's calls -----------------------------------------------------------------
+
+    def before_signal(self, pid: Pid) -> None:
+        """Copy the worker's connections: its stop signal comes next."""
+        if self._unavailable:
+            return
+        started = time.thread_time()
+        room = MAX_CONNECTIONS - len(self._connections())
+        copied = copy_connections(pid, self._addresses, self._listener_inodes, max(room, 0))
+        window_ends = self._clock() + WINDOW_S
+        for copy in copied.copies:
+            self._by_fd[copy.sock.fileno()] = Rescued(copy, pid, window_ends)
+        fields: dict[str, object] = {"pid": pid, "connections": len(copied.copies)}
+        if copied.left:
+            fields["left"] = copied.left
+        if copied.refused:
+            fields["refused"] = copied.refused
+        emit(EventName.RESCUE_COPIED, Level.DEBUG, **fields)
+        self._counts.copied(pid, len(copied.copies), copied.left)
+        self._counts.spent_since(started)
+
+    def exited(self, pid: Pid, event: ev.ChildExited | None) -> ev.ChildExited | None:
+        """A worker's exit, on its way to the machine: first judge what it held."""
+        self.worker_gone(pid, killed=event is not None and event.status.signal is not None)
+        return event
+
+    def worker_gone(self, pid: Pid, *, killed: bool) -> None:
+        """The worker exited, or is being killed: judge at once what it held (killed:
+        release it all; a killed worker may have read a request it never answered)."""
+        started = time.thread_time()
+        for rescued in self._watched(pid):
+            if killed:
+                self._release(rescued, Release.KILLED)
+            elif still_held(rescued.copy):  # by a process of its tree not reaped yet
+                self._release(rescued, Release.BUSY)
+            else:
+                self._let_go(rescued)
+        self._counts.spent_since(started)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            r.deadline if r.phase is not Phase.WATCHED else min(self._next_look, r.window_ends)
+            for r in self._connections()
+        ]
+        return min(deadlines) if deadlines else None
+
+    def expire(self, now: float) -> None:
+        if not self._by_fd:
+            return
+        started = time.thread_time()
+        looks = MAX_LOOKS if now >= self._next_look else 0
+        if looks:
+            self._next_look = now + LOOK_S
+        serving = self._serving()
+        for rescued in self._connections():
+            if rescued.phase is Phase.WATCHED:
+                if not serving:
+                    self._release(rescued, Release.STOPPING)
+                elif now >= rescued.window_ends:
+                    self._release(rescued, Release.BUSY)
+                elif looks > 0:
+                    looks -= 1
+                    if rescued.let_go or not still_held(rescued.copy):
+                        self._let_go(rescued)
+            elif rescued.phase is Phase.HELD and (now >= rescued.deadline or not serving):
+                self._release(rescued, rescued.on_timeout if serving else Release.STOPPING)
+            elif rescued.phase is Phase.RELAYING and now >= rescued.deadline:
+                assert rescued.relay is not None
+                rescued.relay.failure = "timed out"
+                self._finish_relay(rescued)
+        self._counts.spent_since(started)
+
+    def on_ready(self, fd: int, readable: bool, writable: bool) -> None:
+        rescued = self._by_fd.get(fd)
+        if rescued is None:
+            return
+        started = time.thread_time()
+        if rescued.phase is Phase.HELD:
+            self._check_request(rescued)
+        elif rescued.relay is not None:
+            if fd == rescued.copy.sock.fileno():
+                rescued.relay.on_client(readable, writable)
+            else:
+                rescued.relay.on_upstream(readable, writable)
+            if rescued.relay.step is Step.DONE:
+                self._finish_relay(rescued)
+        self._counts.spent_since(started)
+
+    def close(self) -> None:
+        """At the master's end (or before a re-exec): let go of everything."""
+        for rescued in self._connections():
+            if rescued.relay is not None:
+                rescued.relay.close()
+            self._release(rescued, Release.STOPPING)
+        self._counts.forget()
+
+    def counters(self) -> dict[str, int]:
+        return self._counts.counters()
+
+    # -- one connection -------------------------------------------------------------------
+
+    def _let_go(self, rescued: Rescued) -> None:
+        """The worker let go of it: judge it, then hold, check or release."""
+        after = read_counters(rescued.copy.sock)
+        verdict = Release.CLOSED if after is None else judge(rescued.copy.before, after)
+        if verdict is Verdict.LOOK_AGAIN:
+            rescued.let_go = True
+            if self._clock() >= rescued.window_ends:
+                self._release(rescued, Release.UNSENT)
+            return
+        if isinstance(verdict, Release):
+            self._release(rescued, verdict)
+            return
+        # Ours alone now: its flags may change.
+        rescued.copy.sock.setblocking(False)
+        rescued.phase = Phase.HELD
+        if verdict is Verdict.WAIT:
+            rescued.deadline = self._clock() + ANSWER_GRACE_S
+            rescued.on_timeout = Release.ANSWERED
+        else:
+            rescued.deadline = self._clock() + self._settings.hold_s
+        self._counts.taken_over()
+        fd = rescued.copy.sock.fileno()
+        self._sources.watch(fd, Watch(Source.RESCUE, fd=fd))
+        if verdict is Verdict.CHECK:
+            self._check_request(rescued)
+
+    def _check_request(self, rescued: Rescued) -> None:
+        """Bytes came on a held connection: hand them on once they are one request."""
+        try:
+            data = rescued.copy.sock.recv(MAX_HEAD - len(rescued.received))
+        except BlockingIOError:
+            return
+        except OSError:
+            self._release(rescued, Release.CLOSED)
+            return
+        if not data:
+            self._release(rescued, Release.CLOSED)
+            return
+        rescued.received += data
+        found = read_request(bytes(rescued.received))
+        if isinstance(found, Release):
+            self._release(rescued, found)
+        elif isinstance(found, Request):
+            self._hand_on(rescued, found)
+
+    def _hand_on(self, rescued: Rescued, request: Request) -> None:
+        sock = rescued.copy.sock
+        if not self._serving():
+            self._release(rescued, Release.STOPPING)
+            return
+        try:
+            client = str(sock.getpeername()[0])
+        except OSError:
+            self._release(rescued, Release.CLOSED)
+            return
+        # What came after the head is the body's start; anything past the body (a
+        # pipelined request) is dropped: the new worker closes after this one.
+        body = bytes(rescued.received[request.head_length :][: request.body_length])
+        head = rewrite(request, client, self._settings.forwarded) + body
+        rescued.received = bytearray()
+        rescued.phase = Phase.RELAYING
+        rescued.deadline = self._clock() + self._settings.relay_timeout_s
+        relay = Relay(sock, head, request.body_length - len(body), self._interest)
+        rescued.relay = relay
+        if relay.step is Step.DONE:
+            self._finish_relay(rescued)
+            return
+        self._by_fd[relay.upstream.fileno()] = rescued
+
+    def _interest(self, sock: socket.socket, read: bool, write: bool) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        if read or write:
+            self._sources.watch(fd, Watch(Source.RESCUE, fd=fd), read=read, write=write)
+            return
+        self._sources.unwatch(fd)
+        owner = self._by_fd.get(fd)
+        if owner is not None and owner.relay is not None and owner.relay.upstream is sock:
+            del self._by_fd[fd]  # closed next: its number may soon name another socket
+
+    def _finish_relay(self, rescued: Rescued) -> None:
+        relay = rescued.relay
+        assert relay is not None
+        self._by_fd.pop(rescued.copy.sock.fileno(), None)
+        relay.close()
+        if relay.answered and not relay.failure:
+            self._counts.handed(rescued.worker)
+        else:
+            self._counts.released(rescued.worker, Release.UPSTREAM)
+
+    def _release(self, rescued: Rescued, why: Release) -> None:
+        """Let go of it: the master's copy closed, the client sees what it would have."""
+        fd = rescued.copy.sock.fileno()
+        if fd >= 0:
+            self._sources.unwatch(fd)
+            self._by_fd.pop(fd, None)
+        rescued.copy.sock.close()
+        self._counts.released(rescued.worker, why)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _connections(self) -> list[Rescued]:
+        """Each rescued connection once (a relay is under two fds)."""
+        seen: dict[int, Rescued] = {}
+        for rescued in self._by_fd.values():
+            seen.setdefault(id(rescued), rescued)
+        return list(seen.values())
+
+    def _watched(self, pid: Pid) -> Iterable[Rescued]:
+        return [r for r in self._connections() if r.worker == pid and r.phase is Phase.WATCHED]
+
+
+class MachineState(Protocol):
+    @property
+    def state(self) -> MasterState: ...
+
+
+def open_rescue(
+    config: RunConfig,
+    holdings: Holdings,
+    sources: Sources,
+    clock: Callable[[], float],
+    machine: MachineState,
+) -> Rescue:
+    """The loop's rescue: idle unless --rescue-keepalive (and the kernel allows it)."""
+    socks = [listener.sock for listener in holdings.listeners]
+    carried = holdings.carried.counters if holdings.carried is not None else {}
+    settings = RescueSettings(
+        hold_s=config.rescue.hold_s,
+        forwarded=config.rescue.forwarded,
+        relay_timeout_s=config.timeouts.drain_s,
+    )
+    inodes = frozenset(os.fstat(sock.fileno()).st_ino for sock in socks)
+    rescue = Rescue(
+        settings,
+        listen_addresses(socks),
+        listener_inodes=inodes,
+        sources=sources,
+        clock=clock,
+        carried=carried,
+    )
+    rescue.serving_while(lambda: machine.state is not MasterState.STOPPING)
+    if config.rescue.enabled:
+        rescue.check_available()
+    return rescue
