@@ -136,6 +136,10 @@ def record(
         detach_path=detach_path,
         notes=notes,
     )
+    _append(line)
+
+
+def _append(line: dict[str, Any]) -> None:
     path = results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     # One write of one line in append mode: concurrent test processes do not interleave.
@@ -150,6 +154,7 @@ def record(
 # -- shared by the server matrix tests ----------------------------------------------------
 
 RELOADS = 5
+RESCUE_RELOADS = 10  # tests/integration/test_rescue.py, for the servers that race
 PER_RELOAD = 100  # successful requests between reloads (the load never stops)
 
 
@@ -233,6 +238,45 @@ def record_run(
         notes=notes,
     )
     return via, detail, detached
+
+
+def record_rescue(
+    master: Master,
+    *,
+    server: str,
+    variant: str,
+    command: list[str],
+    rescue: bool,
+    reloads: int,
+    clients: int,
+    stats: LoadStats,
+    finished: list[Event],
+    mark: int,
+) -> None:
+    """Record one run of the keep-alive rescue suite (test_rescue.py): its own rows."""
+    via, detail = readiness(master.named("worker.ready", after=mark))
+    line = entry(
+        server=server,
+        variant=variant,
+        command=command,
+        reloads=reloads,
+        stats=stats,
+        ready_via=via,
+        ready_detail=detail,
+        detach_path=detach_path(master.named("worker.detached", after=mark)),
+    )
+    released: collections.Counter[str] = collections.Counter()
+    for event in finished:
+        released.update(event["released"])
+    line.update(
+        suite="rescue",
+        rescue=rescue,
+        keepalive_clients=clients,
+        rescue_copied=sum(int(e["copied"]) for e in finished),
+        rescue_handed=sum(int(e["handed"]) for e in finished),
+        rescue_released=dict(sorted(released.items())),
+    )
+    _append(line)
 
 
 def assert_nothing_refused_or_lost(stats: LoadStats, backlog: int | None) -> None:

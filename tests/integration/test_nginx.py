@@ -96,13 +96,16 @@ def wait_gone(master: Master, gen: int) -> None:
     master.wait_for("generation.gone", where=lambda e: e["gen"] == gen)
 
 
-def reloads_through_nginx(tmp_path: Path, case: Case, extra: str = "") -> BalancerLoad:
+def reloads_through_nginx(
+    tmp_path: Path, case: Case, extra: str = "", handoff_args: tuple[str, ...] = ()
+) -> BalancerLoad:
     """RELOADS reloads of `case` behind nginx under GET and POST load; the load's counts."""
     version = tmp_path / "version"
     version.write_text("v0")
     env = {"VERSION_FILE": str(version), "PYTHONPATH": str(APPS)}
     args = ["--ready", "auto", "--workers", str(case.workers), "--drain-timeout", "30"]
     args += ["--control", str(tmp_path / "control.sock")]  # not the default: tests run in parallel
+    args += handoff_args
     command = case.command(version)
     with running(command, args=args, binds=("127.0.0.2:0",), env=env) as master:
         port = master.wait_ready()
@@ -140,3 +143,14 @@ def test_retrying_posts_removes_the_502s(tmp_path: Path, case: Case) -> None:
     load = reloads_through_nginx(tmp_path, case, extra=NGINX_RETRY_POST)
     assert not load.errors, load.summary()
     assert load.server_errors() == 0, load.summary()
+
+
+@pytest.mark.timeout(240)
+def test_keepalive_rescue_removes_the_502s(tmp_path: Path) -> None:
+    """--rescue-keepalive (docs/rescue.md) with nginx as it is configured: no nginx remedy,
+    uvicorn, whose old workers close idle upstream connections at SIGTERM."""
+    case = next(c for c in CASES if c.server == "uvicorn")
+    load = reloads_through_nginx(tmp_path, case, handoff_args=("--rescue-keepalive",))
+    assert not load.errors, load.summary()
+    assert load.server_errors() == 0, load.summary()
+    assert {m for m, s in load.statuses} == {"GET", "POST"}, load.summary()

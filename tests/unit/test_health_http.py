@@ -186,6 +186,24 @@ def test_rollbacks_are_counted_by_path_and_the_automatic_ones_apart() -> None:
     assert 'handoff_generations{state="parked"} 1.0' in text
 
 
+def test_keepalive_rescue_is_counted_from_the_masters_counters() -> None:
+    counters = {
+        "rescue_copied": 32,
+        "rescue_connections": 30,
+        "rescue_handed": 29,
+        "rescue_released_quiet": 2,
+        "rescue_cpu_us": 31_000,
+    }
+    view = View(MasterState.RUNNING, [GenerationState.ACTIVE])
+    text = render(view, EventCounts({}, carried={}), counters, [])[0].decode()
+    assert "handoff_rescue_connections_copied_total 32.0" in text
+    assert "handoff_rescue_connections_taken_over_total 30.0" in text
+    assert "handoff_rescue_requests_handed_total 29.0" in text
+    assert 'handoff_rescue_released_total{reason="quiet"} 2.0' in text
+    assert 'handoff_rescue_released_total{reason="busy"} 0.0' in text
+    assert "handoff_rescue_cpu_seconds_total 0.031" in text
+
+
 def test_parses_proc_net_netstat() -> None:
     text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: A\nIpExt: 1\n"
     assert parse_netstat(text) == {

@@ -35,6 +35,13 @@ def render_status(report: Mapping[str, Any]) -> str:
         lines.append(f"reload   generation {last['gen']} {outcome} ({last['duration_s']} s)")
         lines.extend(last_output(last))
     lines.extend(_rollback_lines(report.get("rollback"), report["generations"]))
+    rescue = report.get("rescue")
+    if rescue and rescue["enabled"]:
+        released = ", ".join(f"{why} {n}" for why, n in rescue["released"].items()) or "none"
+        lines.append(
+            f"rescue   {rescue['handed']} requests handed on, {rescue['copied']} connections "
+            f"copied; released: {released}; master CPU {rescue['cpu_s']} s"
+        )
     lines.append("")
     lines.append(
         f"{'gen':>4} {'state':<9} {'worker':>6} {'pid':>8} {'state':<9} {'age s':>8} "

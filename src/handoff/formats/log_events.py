@@ -66,6 +66,7 @@ class EventName(StrEnum):
     ROLLBACK_FINISHED = "rollback.finished"
     RESCUE_UNAVAILABLE = "rescue.unavailable"
     RESCUE_COPIED = "rescue.copied"
+    RESCUE_RELEASED = "rescue.released"
     RESCUE_FINISHED = "rescue.finished"
     VERIFY_FAILED = "verify.failed"
     GENERATION_STARTED = "generation.started"

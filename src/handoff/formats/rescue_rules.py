@@ -75,7 +75,8 @@ class Release(StrEnum):
 
     CLOSED = "closed"  # a FIN or a reset, from either side
     UNSENT = "unsent"  # the worker's last bytes were not acknowledged within the window
-    ANSWERED = "answered"  # its last response ended the exchange (and the client is quiet)
+    ANSWERED = "answered"  # its last response was the answer to the request in flight
+    QUIET = "quiet"  # it answered after its stop signal, and the client sent nothing more
     UNANSWERED = "unanswered"  # the worker read a request it did not answer
     PIPELINED = "pipelined"  # the waiting bytes came before the worker's last response
     NOT_HTTP1 = "not_http1"  # TLS, an HTTP/2 preface, CONNECT, anything but HTTP/1.x
@@ -124,6 +125,8 @@ def judge(before: TcpCounters, after: TcpCounters) -> Verdict | Release:
         if not wrote:
             # Quiet since the signal: at a boundary unless a request was left unanswered.
             return Release.UNANSWERED if in_flight(before) or in_flight(after) else Verdict.HOLD
+        if in_flight(after):
+            return Release.UNANSWERED  # a request came after its last answer, and it read it
         if in_flight(before) and not read:
             return Release.ANSWERED  # the answer to the request in flight: its last one
         return Verdict.WAIT

@@ -18,6 +18,7 @@ from handoff.core import actions as act
 from handoff.core.model import Generation, GenerationState, GenId, MasterState, WorkerState
 from handoff.core.rollback import AUTOMATIC
 from handoff.formats.log_events import EventName
+from handoff.formats.rescue_rules import Release
 from handoff.system.listen_queue import accept_queue, listen_drops
 from handoff.system.process_tree import tree_usage
 from handoff.system.sockets import Listener
@@ -199,6 +200,7 @@ def _families(
         ours = key in COUNTED.values() or key == "rollbacks_automatic"
         value = counts.get(key) if ours else counters.get(key, 0)
         yield CounterMetricFamily(name, help_text, value=value)
+    yield from _rescue(counters)
     state = GaugeMetricFamily("handoff_master_state", "The master's state.", labels=["state"])
     for each in MasterState:
         state.add_metric([each.value], 1.0 if view.state is each else 0.0)
@@ -235,6 +237,42 @@ def _families(
             f"The kernel's TcpExt {name} (the whole network namespace).",
             value=value,
         )
+
+
+def _rescue(counters: Mapping[str, int]) -> Iterator[Metric]:
+    """--rescue-keepalive (docs/rescue.md): connections copied, requests handed on,
+    connections let go by reason, and the master's CPU time spent on it."""
+    for name, help_text, key in (
+        (
+            "handoff_rescue_connections_copied",
+            "Old workers' connections copied before their stop signal.",
+            "rescue_copied",
+        ),
+        (
+            "handoff_rescue_connections_taken_over",
+            "Copied connections the old worker let go of at a request boundary.",
+            "rescue_connections",
+        ),
+        (
+            "handoff_rescue_requests_handed",
+            "Rescued requests handed to the new generation and answered.",
+            "rescue_handed",
+        ),
+    ):
+        yield CounterMetricFamily(name, help_text, value=counters.get(key, 0))
+    released = CounterMetricFamily(
+        "handoff_rescue_released",
+        "Copied connections let go (the client sees what it would have without rescue).",
+        labels=["reason"],
+    )
+    for reason in Release:
+        released.add_metric([reason.value], counters.get(f"rescue_released_{reason}", 0))
+    yield released
+    yield CounterMetricFamily(
+        "handoff_rescue_cpu_seconds",
+        "The master's CPU time spent on keep-alive rescue.",
+        value=counters.get("rescue_cpu_us", 0) / 1_000_000,
+    )
 
 
 def _histogram(counts: EventCounts, stored: str, name: str, help_text: str) -> Metric:

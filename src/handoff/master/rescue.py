@@ -35,7 +35,7 @@ from handoff.core.model import MasterState, Pid
 from handoff.formats.log_events import EventName, Level
 from handoff.formats.options import RunConfig
 from handoff.formats.rescue_request import MAX_HEAD, Forwarded, Request, read_request, rewrite
-from handoff.formats.rescue_rules import Release, Verdict, judge
+from handoff.formats.rescue_rules import Release, TcpCounters, Verdict, judge
 from handoff.master.holdings import Holdings
 from handoff.master.logs import emit
 from handoff.master.rescue_counts import RescueCounts
@@ -75,6 +75,7 @@ class Rescued:
     deadline: float = 0.0  # HELD: the hold's end; RELAYING: the relay's
     on_timeout: Release = Release.HOLD_TIMEOUT  # HELD: why it goes at the deadline
     received: bytearray = field(default_factory=bytearray)  # HELD: the request so far
+    lingering: bool = False  # RELAYING: the response is out, the client's EOF awaited
     relay: Relay | None = None
 
 
@@ -193,7 +194,8 @@ class Rescue:
                 self._release(rescued, rescued.on_timeout if serving else Release.STOPPING)
             elif rescued.phase is Phase.RELAYING and now >= rescued.deadline:
                 assert rescued.relay is not None
-                rescued.relay.failure = "timed out"
+                if not rescued.relay.delivered:  # else only the client's EOF was awaited
+                    rescued.relay.failure = "timed out"
                 self._finish_relay(rescued)
         self._counts.spent_since(started)
 
@@ -211,6 +213,10 @@ class Rescue:
                 rescued.relay.on_upstream(readable, writable)
             if rescued.relay.step is Step.DONE:
                 self._finish_relay(rescued)
+            elif rescued.relay.step is Step.LINGERING and not rescued.lingering:
+                # Answered: the client's EOF is awaited no longer than a hold.
+                rescued.lingering = True
+                rescued.deadline = self._clock() + self._settings.hold_s
         self._counts.spent_since(started)
 
     def close(self) -> None:
@@ -236,14 +242,15 @@ class Rescue:
                 self._release(rescued, Release.UNSENT)
             return
         if isinstance(verdict, Release):
-            self._release(rescued, verdict)
+            assert after is not None or verdict is Release.CLOSED
+            self._release(rescued, verdict, after)
             return
         # Ours alone now: its flags may change.
         rescued.copy.sock.setblocking(False)
         rescued.phase = Phase.HELD
         if verdict is Verdict.WAIT:
             rescued.deadline = self._clock() + ANSWER_GRACE_S
-            rescued.on_timeout = Release.ANSWERED
+            rescued.on_timeout = Release.QUIET
         else:
             rescued.deadline = self._clock() + self._settings.hold_s
         self._counts.taken_over()
@@ -312,12 +319,12 @@ class Rescue:
         assert relay is not None
         self._by_fd.pop(rescued.copy.sock.fileno(), None)
         relay.close()
-        if relay.answered and not relay.failure:
+        if relay.delivered:
             self._counts.handed(rescued.worker)
         else:
             self._counts.released(rescued.worker, Release.UPSTREAM)
 
-    def _release(self, rescued: Rescued, why: Release) -> None:
+    def _release(self, rescued: Rescued, why: Release, after: TcpCounters | None = None) -> None:
         """Let go of it: the master's copy closed, the client sees what it would have."""
         fd = rescued.copy.sock.fileno()
         if fd >= 0:
@@ -325,6 +332,19 @@ class Rescue:
             self._by_fd.pop(fd, None)
         rescued.copy.sock.close()
         self._counts.released(rescued.worker, why)
+        fields: dict[str, object] = {"pid": rescued.worker, "reason": str(why)}
+        if rescued.received:
+            fields["start"] = bytes(rescued.received[:16]).decode("ascii", "backslashreplace")
+        if after is not None:  # what the rules saw: the counters since the copy
+            before = rescued.copy.before
+            fields.update(
+                wrote=after.written - before.written,
+                read=after.consumed - before.consumed,
+                inq=after.inq,
+                last_sent_ms=after.last_data_sent_ms,
+                last_received_ms=after.last_data_recv_ms,
+            )
+        emit(EventName.RESCUE_RELEASED, Level.DEBUG, **fields)
 
     # -- bookkeeping ----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class Relay:
         self.client = client
         self.step = Step.CONNECTING
         self.answered = False  # a response byte reached the client
+        self.delivered = False  # the whole response reached the client (then it lingers)
         self.failure = ""  # why it ended early (for the caller's counters)
         self._interest = interest
         self._to_upstream = bytearray(head)
@@ -123,6 +124,7 @@ class Relay:
             self._close_upstream()
             with contextlib.suppress(OSError):
                 self.client.shutdown(socket.SHUT_WR)
+            self.delivered = True
             self.step = Step.LINGERING
             self._interest(self.client, True, False)
             return

@@ -86,6 +86,21 @@ def build_status(
         "generations": generations,
         "last_reload": None if last is None else _last_reload(last, last_failure),
         "rollback": _rollback(machine),
+        "rescue": rescue_status(config.rescue.enabled, counters or {}),
+    }
+
+
+def rescue_status(enabled: bool, counters: Mapping[str, int]) -> dict[str, object]:
+    """--rescue-keepalive's totals since the master started (docs/rescue.md)."""
+    prefix = "rescue_released_"
+    released = {k.removeprefix(prefix): n for k, n in counters.items() if k.startswith(prefix)}
+    return {
+        "enabled": enabled,
+        "copied": counters.get("rescue_copied", 0),
+        "taken_over": counters.get("rescue_connections", 0),
+        "handed": counters.get("rescue_handed", 0),
+        "released": dict(sorted((k, n) for k, n in released.items() if n)),
+        "cpu_s": round(counters.get("rescue_cpu_us", 0) / 1_000_000, 3),
     }
 
 
