@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / ".matrix" / "results.jsonl"
 BEGIN = "<!-- matrix -->"
 END = "<!-- /matrix -->"
+RESCUE_BEGIN = "<!-- rescue-matrix -->"
+RESCUE_END = "<!-- /rescue-matrix -->"
 COLUMNS = (
     "server",
     "variant",
@@ -37,9 +39,10 @@ COLUMNS = (
 )
 
 
-def load(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """The newest entry per (server, variant), sorted by server then variant."""
-    newest: dict[tuple[str, str], dict[str, Any]] = {}
+def load(paths: Iterable[Path], suite: str = "") -> list[dict[str, Any]]:
+    """The newest entry per (server, variant, rescue) of one suite ("": the server tests;
+    "rescue": tests/integration/test_rescue.py), sorted by server then variant."""
+    newest: dict[tuple[str, str, bool], dict[str, Any]] = {}
     for path in paths:
         if not path.exists():
             continue
@@ -50,7 +53,9 @@ def load(paths: Iterable[Path]) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except ValueError as exc:
                 raise SystemExit(f"{path}:{number}: not JSON: {exc}") from None
-            key = (row["server"], row["variant"])
+            if row.get("suite", "") != suite:
+                continue
+            key = (row["server"], row["variant"], bool(row.get("rescue")))
             if key not in newest or row.get("recorded_at", "") >= newest[key].get(
                 "recorded_at", ""
             ):
@@ -108,13 +113,60 @@ def render(rows: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(document: str, table: str) -> str:
-    """Document with the text between the matrix markers replaced by table."""
-    start = document.find(BEGIN)
-    end = document.find(END)
-    if start < 0 or end < start:
-        raise SystemExit(f"no '{BEGIN}' ... '{END}' section to replace")
-    return document[: start + len(BEGIN)] + "\n" + table + document[end:]
+RESCUE_COLUMNS = (
+    "server",
+    "variant",
+    "reloads",
+    "keep-alive clients",
+    "failed keep-alive / reload, without rescue (by class)",
+    "with --rescue-keepalive",
+    "requests handed on / reload",
+    "released (reason: count, all reloads)",
+)
+
+
+def render_rescue(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The keep-alive rescue table: each server's run without and with rescue, one line."""
+    pairs: dict[tuple[str, str], dict[bool, Mapping[str, Any]]] = {}
+    for row in rows:
+        pairs.setdefault((row["server"], row["variant"]), {})[bool(row["rescue"])] = row
+    lines = [
+        "| " + " | ".join(RESCUE_COLUMNS) + " |",
+        "|" + "|".join("---" for _ in RESCUE_COLUMNS) + "|",
+    ]
+    for (server, variant), pair in sorted(pairs.items()):
+        with_, without = pair.get(True), pair.get(False)
+        shown = with_ or without
+        assert shown is not None
+        reloads = int(shown["reloads"])
+        released = (with_ or {}).get("rescue_released") or {}
+        cells = [
+            server,
+            variant,
+            reloads,
+            shown.get("keepalive_clients", "?"),
+            _failed_keepalive(without) if without else "not run (see the table above)",
+            _failed_keepalive(with_) if with_ else "-",
+            _number(with_["rescue_handed"] / reloads) if with_ else "-",
+            ", ".join(f"{why}: {n}" for why, n in released.items()) or "none",
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _failed_keepalive(row: Mapping[str, Any]) -> str:
+    return _per_reload(
+        row["failed_keepalive_per_reload"], row["failed_keepalive_per_reload_by_class"]
+    )
+
+
+def replace_section(document: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """Document with the text between the markers replaced by table."""
+    start = document.find(begin)
+    stop = document.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"no '{begin}' ... '{end}' section to replace")
+    return document[: start + len(begin)] + "\n" + table + document[stop:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,15 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--write", type=Path, help="replace the matrix section of this file")
     args = parser.parse_args(argv)
-    rows = load(args.results or [DEFAULT_RESULTS])
-    if not rows:
+    results = args.results or [DEFAULT_RESULTS]
+    sections = [(render(rows), BEGIN, END) for rows in [load(results)] if rows] + [
+        (render_rescue(rows), RESCUE_BEGIN, RESCUE_END)
+        for rows in [load(results, "rescue")]
+        if rows
+    ]
+    if not sections:
         print("no results: run the server tests first", file=sys.stderr)
         return 1
-    table = render(rows)
     if args.write:
-        args.write.write_text(replace_section(args.write.read_text(), table))
+        document = args.write.read_text()
+        for table, begin, end in sections:
+            document = replace_section(document, table, begin, end)
+        args.write.write_text(document)
     else:
-        sys.stdout.write(table)
+        sys.stdout.write("\n".join(table for table, _, _ in sections))
     return 0
 
 
