@@ -9,6 +9,7 @@ while the outer action list is being executed, exactly as the loop does.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -509,6 +510,22 @@ def test_spawn_failure_of_an_early_slot_stops_the_later_slots(first: bool) -> No
         assert [e.code for e in loop.exits] == [EXIT_NEVER_READY]
     else:
         assert loop.gen_state(1) is GenerationState.ACTIVE
+
+
+def test_rescue_comes_with_a_replaced_workers_stop_signal_not_with_the_masters_stop() -> None:
+    policy = dataclasses.replace(make_policy(workers=2), rescue_keepalive=True)
+    loop = serving_with(policy)
+    old = loop.pids(1)
+    loop.reload()
+    out: list[act.Action] = []
+    for pid in loop.pids(2):
+        out += loop.ready(pid)
+    signals = of_type(out, act.SendSignal)
+    assert signals == [act.SendSignal(pid=p, signal=STOP, rescue=True) for p in old]
+
+    out = loop.stop()
+    assert {s.rescue for s in of_type(out, act.SendSignal)} == {False}
+    assert of_type(out, act.SendSignal), "the serving workers were signalled"
 
 
 def test_reloads_during_a_reload_coalesce_into_one() -> None:

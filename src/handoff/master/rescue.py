@@ -54,6 +54,9 @@ WINDOW_S: Final = 0.5  # after the stop signal: a close later than this is not t
 LOOK_S: Final = 0.002  # between looks at the connections a worker still holds
 MAX_CONNECTIONS: Final = 1024  # copies held at once, all workers together
 MAX_LOOKS: Final = 512  # /proc lookups per loop turn
+# Rescued sockets served per loop turn; the rest stay ready (level-triggered) for the next
+# turn, so signals, worker exits and control clients are never kept waiting behind them.
+MAX_WAKEUPS: Final = 256
 # A worker that answered after its stop signal and then closed: how long its client may
 # take to send again before the last response counts as the end (Verdict.WAIT).
 ANSWER_GRACE_S: Final = 0.1
@@ -108,6 +111,7 @@ class Rescue:
         self._counts = RescueCounts(carried)
         self._serving: Callable[[], bool] = lambda: True
         self._next_look = 0.0
+        self._wakeups = 0  # served in this loop turn
         self._unavailable: str | None = None
 
     def serving_while(self, serving: Callable[[], bool]) -> None:
@@ -173,6 +177,7 @@ class Rescue:
         return min(deadlines) if deadlines else None
 
     def expire(self, now: float) -> None:
+        self._wakeups = 0  # the turn's wakeups are over: the next turn gets a fresh budget
         if not self._by_fd:
             return
         started = time.thread_time()
@@ -201,8 +206,9 @@ class Rescue:
 
     def on_ready(self, fd: int, readable: bool, writable: bool) -> None:
         rescued = self._by_fd.get(fd)
-        if rescued is None:
+        if rescued is None or self._wakeups >= MAX_WAKEUPS:
             return
+        self._wakeups += 1
         started = time.thread_time()
         if rescued.phase is Phase.HELD:
             self._check_request(rescued)
