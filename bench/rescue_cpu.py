@@ -515,8 +515,8 @@ def summarize(records: list[dict[str, object]]) -> dict[str, object]:
         "rescue_cpu_ms_max": max(numbers("rescue_cpu_ms"), default=None),
         "copied_median": median(numbers("copied")),
         "handed_median": median(numbers("handed")),
-        "copied_total": sum(numbers("copied")),
-        "handed_total": sum(numbers("handed")),
+        "copied_total": round(sum(numbers("copied"))),
+        "handed_total": round(sum(numbers("handed"))),
         "released_total": dict(sorted(released.items())),
         "failed_keepalive_total": sum(keepalive.values()),
         "failed_keepalive_by_class": dict(sorted(keepalive.items())),
@@ -594,7 +594,7 @@ def cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:g}" if abs(value) >= 100 else f"{value:.3g}" if value else "0"
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}" if value else "0"
     if isinstance(value, dict):
         return ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
     return str(value)
@@ -665,7 +665,7 @@ async def bench(args: argparse.Namespace, connections: list[int]) -> int:
     runs: list[dict[str, object]] = []
     comparisons: list[dict[str, object]] = []
     command_line = shlex.join(sys.orig_argv)
-    print(f"command: {command_line}")
+    print(f"command: {command_line}", flush=True)
     try:
         work = Path(os.environ.get("TMPDIR", "/tmp")) / f"handoff-rescue-cpu-{os.getpid()}"  # noqa: S108
         work.mkdir(mode=0o700)

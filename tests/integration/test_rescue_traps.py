@@ -498,10 +498,12 @@ def _answered(data: bytes) -> bool:
     return any(response.complete for response in parse_responses(data)[0])
 
 
-def _next_bytes_after_the_reload(rescue: bool, payload: bytes) -> tuple[Seen, Event | None]:
+def _next_bytes_after_the_reload(
+    rescue: bool, payload: bytes, *args: str
+) -> tuple[Seen, Event | None]:
     """An idle keep-alive connection (one answer read), a reload, payload sent once the old
     worker has exited (it closed the connection; with rescue, the master holds it)."""
-    with trap_master(rescue) as master:
+    with trap_master(rescue, *args) as master:
         port = master.wait_ready()
         with connect(port) as sock:
             sock.sendall(request("/"))
@@ -579,5 +581,49 @@ def test_control_plain_request_on_an_idle_connection_is_answered_only_with_rescu
     assert response.json()["generation"] == "2", response
     assert response.headers.get("connection") == "close", response
     assert seen.eof_delay < EOF_AFTER_LAST_BYTE_S, seen
+    assert event is not None
+    assert (event["handed"], event["released"]) == (1, {}), event
+
+
+# -- what a client may send on a rescued connection: bounded, never crashes the master ---
+
+NEVER_ENDING_HEAD = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20_000
+CHUNKED_POST = (
+    b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+)
+STALLED_LINE = b"GET /echo HT"  # and nothing more
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (NEVER_ENDING_HEAD, "head_too_large"),
+        (CHUNKED_POST, "request_body"),
+        (STALLED_LINE, "hold_timeout"),
+    ],
+    ids=["head-too-large", "chunked-body", "stalled-line"],
+)
+def test_what_cannot_be_handed_on_is_released_within_the_hold(payload: bytes, reason: str) -> None:
+    started = time.monotonic()
+    seen, event = _next_bytes_after_the_reload(True, payload)
+    report(reason, True, seen, event)
+    _assert_closed_unanswered(seen, event, reason)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.timeout(60)
+def test_a_rescued_post_goes_on_whole_with_the_clients_address_when_asked() -> None:
+    body = b"x" * 100_000
+    post = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + body
+    seen, event = _next_bytes_after_the_reload(True, post, "--rescue-forwarded", "x-forwarded-for")
+    report("post with body", True, seen, event)
+    response = one_response(seen.data)
+    assert (response.status, response.complete) == (200, True), response
+    echoed = response.json()
+    assert echoed["generation"] == "2", echoed
+    assert echoed["body_length"] == len(body), echoed
+    assert echoed["x-forwarded-for"] == "127.0.0.1", echoed
+    assert echoed["connection"] == "close", echoed
     assert event is not None
     assert (event["handed"], event["released"]) == (1, {}), event

@@ -190,7 +190,7 @@ class Rescue:
                 if not serving:
                     self._release(rescued, Release.STOPPING)
                 elif now >= rescued.window_ends:
-                    self._release(rescued, Release.BUSY)
+                    self._release(rescued, Release.UNSENT if rescued.let_go else Release.BUSY)
                 elif looks > 0:
                     looks -= 1
                     if rescued.let_go or not still_held(rescued.copy):
@@ -301,7 +301,11 @@ class Rescue:
         rescued.received = bytearray()
         rescued.phase = Phase.RELAYING
         rescued.deadline = self._clock() + self._settings.relay_timeout_s
-        relay = Relay(sock, head, request.body_length - len(body), self._interest)
+        try:
+            relay = Relay(sock, head, request.body_length - len(body), self._interest)
+        except OSError:  # no socket to the new generation (the master is out of fds)
+            self._release(rescued, Release.UPSTREAM)
+            return
         rescued.relay = relay
         if relay.step is Step.DONE:
             self._finish_relay(rescued)

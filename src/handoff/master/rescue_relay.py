@@ -52,11 +52,14 @@ class Relay:
         self._to_client = bytearray()
         self._upstream_eof = False
         self._discarded = 0
-        local = client.getsockname()
         self.upstream = socket.socket(client.family, socket.SOCK_STREAM)
-        self.upstream.setblocking(False)
-        self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code = self.upstream.connect_ex(local[:2] if client.family == socket.AF_INET else local)
+        try:
+            local = client.getsockname()  # the listener's address, as the client reached it
+            self.upstream.setblocking(False)
+            self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = self.upstream.connect_ex(local)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
         if code not in (0, errno.EINPROGRESS):
             self._fail(f"connect: {errno.errorcode.get(code, code)}")
             return
@@ -64,7 +67,10 @@ class Relay:
 
     def on_upstream(self, readable: bool, writable: bool) -> None:
         if self.step is Step.CONNECTING and writable:
-            code = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            try:
+                code = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                code = exc.errno or errno.EIO
             if code:
                 self._fail(f"connect: {errno.errorcode.get(code, code)}")
                 return

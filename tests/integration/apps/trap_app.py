@@ -37,6 +37,24 @@ def _body(path: str) -> bytes:
     return json.dumps({"generation": GENERATION, "pid": os.getpid(), "path": path}).encode()
 
 
+async def _echo(scope: dict[str, Any], receive: Receive) -> bytes:
+    length, more = 0, True
+    while more:
+        message = await receive()
+        length += len(message.get("body", b""))
+        more = bool(message.get("more_body"))
+    headers = {name.decode(): value.decode() for name, value in scope["headers"]}
+    return json.dumps(
+        {
+            "generation": GENERATION,
+            "body_length": length,
+            "client": scope["client"][0] if scope.get("client") else None,
+            "x-forwarded-for": headers.get("x-forwarded-for"),
+            "connection": headers.get("connection"),
+        }
+    ).encode()
+
+
 def _params(scope: dict[str, Any]) -> dict[str, str]:
     query = parse_qs(scope.get("query_string", b"").decode())
     return {key: values[-1] for key, values in query.items()}
@@ -125,5 +143,7 @@ async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         await _answer(send, _body(path))
     elif path == "/stream":
         await _stream(send, Deadline(params, 3.0))
+    elif path == "/echo":  # what a request brought: its body's length, who sent it
+        await _answer(send, await _echo(scope, receive))
     else:
         await _answer(send, _body(path))
