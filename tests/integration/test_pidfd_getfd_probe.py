@@ -43,3 +43,26 @@ def test_a_master_refused_pidfd_getfd_warns_once_and_reloads_signal_only(tmp_pat
             assert entry["path"] == "signal-only"
             assert "pidfd_getfd was refused at start" in entry["reason"]
         assert len(master.named("detach.unavailable")) == 1
+
+
+@pytest.mark.timeout(90)
+def test_rescue_refused_pidfd_getfd_warns_once_and_reloads_without_it(tmp_path: Path) -> None:
+    """--rescue-keepalive where the kernel refuses the copy: one warning with the reason
+    and a hint at start, then reloads exactly as without the option."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SECCOMP_FILTER)
+    env = {"PYTHONPATH": str(tmp_path / "site"), "HANDOFF_TEST_SECCOMP_ERRNO": str(errno.EPERM)}
+    args = ["--workers", "1", "--name", "seccomp-rescue", "--rescue-keepalive"]
+    version = tmp_path / "version"
+    version.write_text("v1")
+    with running(demo_app(version), args=args, env=env) as master:
+        port = master.wait_ready()
+        warning = master.wait_for("rescue.unavailable", 5)
+        assert warning["level"] == "warning"
+        assert warning["reason"] == "pidfd_getfd is refused: Operation not permitted (EPERM)"
+        assert "CAP_SYS_PTRACE" in warning["hint"]
+        for _ in range(2):
+            assert master.reload()["event"] == "reload.succeeded"
+        assert get(port)[0] == 200
+        assert master.named("rescue.finished") == []  # nothing was copied
+        assert len(master.named("rescue.unavailable")) == 1
