@@ -123,8 +123,10 @@ def record(
     ready_detail: str,
     detach_path: str,
     notes: str = "",
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Append one run's measurements to the matrix results file (one JSON line)."""
+    """Append one run's measurements to the matrix results file (one JSON line); extra:
+    fields of a suite's own (test_rescue.py's)."""
     line = entry(
         server=server,
         variant=variant,
@@ -136,10 +138,7 @@ def record(
         detach_path=detach_path,
         notes=notes,
     )
-    _append(line)
-
-
-def _append(line: dict[str, Any]) -> None:
+    line.update(extra or {})
     path = results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     # One write of one line in append mode: concurrent test processes do not interleave.
@@ -196,12 +195,21 @@ def detach_path(detached: list[Event]) -> str:
     return _summary(paths)
 
 
-def reload_under_load(master: Master, version: Path, port: int) -> tuple[Load, int]:
-    """RELOADS reloads under load; the new version answers after each. Returns (load, mark)."""
-    with Load(port) as load:
+def reload_under_load(
+    master: Master,
+    version: Path,
+    port: int,
+    *,
+    reloads: int = RELOADS,
+    keepalive: int = 4,
+    fresh: int = 2,
+) -> tuple[Load, int]:
+    """Reloads under load (keep-alive and fresh clients); the new version answers after
+    each. Returns (load, mark)."""
+    with Load(port, keepalive=keepalive, fresh=fresh) as load:
         load.wait_for_requests(PER_RELOAD)
         first = master.mark()
-        for number in range(1, RELOADS + 1):
+        for number in range(1, reloads + 1):
             version.write_text(f"v{number}")
             outcome = master.reload()
             assert outcome["event"] == "reload.succeeded", outcome
@@ -255,7 +263,10 @@ def record_rescue(
 ) -> None:
     """Record one run of the keep-alive rescue suite (test_rescue.py): its own rows."""
     via, detail = readiness(master.named("worker.ready", after=mark))
-    line = entry(
+    released: collections.Counter[str] = collections.Counter()
+    for event in finished:
+        released.update(event["released"])
+    record(
         server=server,
         variant=variant,
         command=command,
@@ -264,19 +275,15 @@ def record_rescue(
         ready_via=via,
         ready_detail=detail,
         detach_path=detach_path(master.named("worker.detached", after=mark)),
+        extra={
+            "suite": "rescue",
+            "rescue": rescue,
+            "keepalive_clients": clients,
+            "rescue_copied": sum(int(e["copied"]) for e in finished),
+            "rescue_handed": sum(int(e["handed"]) for e in finished),
+            "rescue_released": dict(sorted(released.items())),
+        },
     )
-    released: collections.Counter[str] = collections.Counter()
-    for event in finished:
-        released.update(event["released"])
-    line.update(
-        suite="rescue",
-        rescue=rescue,
-        keepalive_clients=clients,
-        rescue_copied=sum(int(e["copied"]) for e in finished),
-        rescue_handed=sum(int(e["handed"]) for e in finished),
-        rescue_released=dict(sorted(released.items())),
-    )
-    _append(line)
 
 
 def assert_nothing_refused_or_lost(stats: LoadStats, backlog: int | None) -> None:

@@ -18,11 +18,16 @@ from tests.integration.http import get
 from tests.unit.test_pidfd_getfd_probe import SECCOMP_FILTER
 
 
-@pytest.mark.timeout(90)
-def test_a_master_refused_pidfd_getfd_warns_once_and_reloads_signal_only(tmp_path: Path) -> None:
+def _refusing_pidfd_getfd(tmp_path: Path) -> dict[str, str]:
+    """The environment of a master whose seccomp filter refuses pidfd_getfd (EPERM)."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SECCOMP_FILTER)
-    env = {"PYTHONPATH": str(tmp_path / "site"), "HANDOFF_TEST_SECCOMP_ERRNO": str(errno.EPERM)}
+    return {"PYTHONPATH": str(tmp_path / "site"), "HANDOFF_TEST_SECCOMP_ERRNO": str(errno.EPERM)}
+
+
+@pytest.mark.timeout(90)
+def test_a_master_refused_pidfd_getfd_warns_once_and_reloads_signal_only(tmp_path: Path) -> None:
+    env = _refusing_pidfd_getfd(tmp_path)
     args = ["--workers", "1", "--name", "seccomp-getfd", "--settle", "0.05"]
     version = tmp_path / "version"
     version.write_text("v1")
@@ -49,9 +54,7 @@ def test_a_master_refused_pidfd_getfd_warns_once_and_reloads_signal_only(tmp_pat
 def test_rescue_refused_pidfd_getfd_warns_once_and_reloads_without_it(tmp_path: Path) -> None:
     """--rescue-keepalive where the kernel refuses the copy: one warning with the reason
     and a hint at start, then reloads exactly as without the option."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SECCOMP_FILTER)
-    env = {"PYTHONPATH": str(tmp_path / "site"), "HANDOFF_TEST_SECCOMP_ERRNO": str(errno.EPERM)}
+    env = _refusing_pidfd_getfd(tmp_path)
     args = ["--workers", "1", "--name", "seccomp-rescue", "--rescue-keepalive"]
     version = tmp_path / "version"
     version.write_text("v1")

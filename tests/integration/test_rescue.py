@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 
 from tests.integration import matrix, test_servers_other, test_servers_python
-from tests.integration.harness import APPS, Event, Load, running
-from tests.integration.http import get
+from tests.integration.harness import APPS, Event, running
 from tests.integration.test_servers_other import _runtime_or_skip, go_bin  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -31,7 +30,6 @@ if os.geteuid() != 0:
 
 KEEPALIVE_CLIENTS = 16
 FRESH_CLIENTS = 2
-PER_RELOAD = 100
 
 
 @dataclass(frozen=True)
@@ -111,17 +109,9 @@ def _run(request: pytest.FixtureRequest, tmp_path: Path, case: Case, *, rescue: 
     reloads = matrix.RESCUE_RELOADS if case.races else matrix.RELOADS
     with running(command, args=args, env=env) as master:
         port = master.wait_ready()
-        with Load(port, keepalive=KEEPALIVE_CLIENTS, fresh=FRESH_CLIENTS) as load:
-            load.wait_for_requests(PER_RELOAD)
-            mark = master.mark()
-            for number in range(1, reloads + 1):
-                version.write_text(f"v{number}")
-                outcome = master.reload()
-                assert outcome["event"] == "reload.succeeded", outcome
-                old = outcome["gen"] - 1
-                master.wait_for("generation.gone", where=lambda e, g=old: e["gen"] == g)
-                load.wait_for_requests(PER_RELOAD)
-            assert get(port)[1].get("version") == f"v{reloads}"
+        load, mark = matrix.reload_under_load(
+            master, version, port, reloads=reloads, keepalive=KEEPALIVE_CLIENTS, fresh=FRESH_CLIENTS
+        )
         stats = load.stats
         finished = master.named("rescue.finished", after=mark)
         matrix.record_rescue(
