@@ -45,6 +45,7 @@ import select
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -56,6 +57,7 @@ from typing import Final
 
 import psutil
 
+import handoff
 from handoff.cli.control_client import exchange
 from handoff.demo.drill import child_environment
 from handoff.demo.load import LoadConfig, LoadGenerator, LoadStats
@@ -313,7 +315,11 @@ async def one_reload(master: Master, number: int, *, pinged: bool) -> dict[str, 
     pinger = await Pinger.start(master.control) if pinged else None
     pings: list[Ping] = []
     try:
+        rest_began, rest_cpu = time.monotonic(), master_cpu_s(master.cpu)
         await asyncio.sleep(GAP_S)
+        rest_ms_per_s = (
+            (master_cpu_s(master.cpu) - rest_cpu) * 1000 / (time.monotonic() - rest_began)
+        )
         before = await asyncio.to_thread(status_counters, master.control)
         keepalive_before, fresh_before = failed(master.load.stats)
         cpu_before = master_cpu_s(master.cpu)
@@ -374,6 +380,9 @@ async def one_reload(master: Master, number: int, *, pinged: bool) -> dict[str, 
         "gen": master.gen,
         "duration_s": outcome.get("duration_s"),
         "settled_after_s": round(settled - asked, 3),
+        # Under load, between reloads: the master has next to nothing to do (the workers
+        # accept on their own); on a pinged reload, the status requests' CPU.
+        "master_rest_cpu_ms_per_s": round(rest_ms_per_s, 1),
         "master_cpu_ms": round((cpu_after - cpu_before) * 1000, 1),
         "rescue_cpu_ms": round((after.rescue_cpu_us - before.rescue_cpu_us) / 1000, 3),
         "copied": sum(int(str(e.get("copied", 0))) for e in finished),
@@ -510,6 +519,12 @@ def summarize(records: list[dict[str, object]]) -> dict[str, object]:
         "reloads": len(records),
         "master_cpu_ms_median": median(numbers("master_cpu_ms", pinged=False)),
         "master_cpu_ms_median_pinged": median(numbers("master_cpu_ms", pinged=True)),
+        "master_rest_cpu_ms_per_s_median": median(
+            numbers("master_rest_cpu_ms_per_s", pinged=False)
+        ),
+        "master_rest_cpu_ms_per_s_max": max(
+            numbers("master_rest_cpu_ms_per_s", pinged=False), default=None
+        ),
         # The counter is not disturbed by status requests: every reload counts.
         "rescue_cpu_ms_median": median(numbers("rescue_cpu_ms")),
         "rescue_cpu_ms_max": max(numbers("rescue_cpu_ms"), default=None),
@@ -517,6 +532,10 @@ def summarize(records: list[dict[str, object]]) -> dict[str, object]:
         "handed_median": median(numbers("handed")),
         "copied_total": round(sum(numbers("copied"))),
         "handed_total": round(sum(numbers("handed"))),
+        # The same as the counters in handoff status say it: equal unless something counts
+        # a connection twice.
+        "counters_copied_total": round(sum(numbers("counters_copied"))),
+        "counters_handed_total": round(sum(numbers("counters_handed"))),
         "released_total": dict(sorted(released.items())),
         "failed_keepalive_total": sum(keepalive.values()),
         "failed_keepalive_by_class": dict(sorted(keepalive.items())),
@@ -590,6 +609,30 @@ def compare(plain: dict[str, object], rescued: dict[str, object]) -> dict[str, o
     }
 
 
+def source_state() -> dict[str, object]:
+    """Which handoff ran: the commit, and the files changed since (a bench of work in
+    progress says so)."""
+    git = ["git", "-C", str(REPO)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {"handoff_imported_from": str(Path(handoff.__file__).parent)}
+    return {
+        "commit": head,
+        "src_changed": [line[3:] for line in changed],
+        "handoff_imported_from": str(Path(handoff.__file__).parent),
+    }
+
+
 def cell(value: object) -> str:
     if value is None:
         return "-"
@@ -608,18 +651,19 @@ def med_max(side: dict[str, object], key: str) -> str:
 
 def table(runs: list[dict[str, object]], comparisons: list[dict[str, object]]) -> list[str]:
     lines = [
-        "| N | rescue | master CPU ms/reload | rescue_cpu ms/reload | copied | handed "
-        "| released (all reloads) | failed keep-alive (all) | status ms rest med/max "
-        "| status ms reload med/max | status ms stop window med/max "
-        "| settle lateness ms med/max |",
-        "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| N | rescue | master CPU ms/reload | master CPU between reloads ms/s "
+        "| rescue_cpu ms/reload | copied | handed | released (all reloads) "
+        "| failed keep-alive (all) | status ms at rest med/max | status ms reload med/max "
+        "| status ms stop window med/max | settle lateness ms med/max |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         s = run["summary"]
         assert isinstance(s, dict)
         lines.append(
             f"| {run['connections']} | {'on' if run['rescue'] else 'off'} "
-            f"| {cell(s['master_cpu_ms_median'])} | {cell(s['rescue_cpu_ms_median'])} "
+            f"| {cell(s['master_cpu_ms_median'])} "
+            f"| {cell(s['master_rest_cpu_ms_per_s_median'])} | {cell(s['rescue_cpu_ms_median'])} "
             f"| {cell(s['copied_median'])} | {cell(s['handed_median'])} "
             f"| {cell(s['released_total'])} | {s['failed_keepalive_total']} "
             f"| {med_max(s, 'status_ms_rest')} | {med_max(s, 'status_ms_reload')} "
@@ -629,8 +673,9 @@ def table(runs: list[dict[str, object]], comparisons: list[dict[str, object]]) -
     lines += [
         "",
         "| N | extra master CPU ms/reload (on - off) | master CPU on/off | rescue_cpu ms/reload "
-        "| rescue µs per copied connection | status stop window / rest, off | on "
-        "| status stop window on/off | extra settle lateness ms | failed keep-alive off → on |",
+        "| rescue µs per copied connection | status stop window / at rest, off "
+        "| status stop window / at rest, on | status stop window on/off "
+        "| extra settle lateness ms | failed keep-alive off → on |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in comparisons:
@@ -650,6 +695,32 @@ def table(runs: list[dict[str, object]], comparisons: list[dict[str, object]]) -
     return lines
 
 
+def warnings(runs: list[dict[str, object]]) -> list[str]:
+    """What the numbers above cannot be taken at face value for."""
+    found = []
+    for run in runs:
+        s = run["summary"]
+        assert isinstance(s, dict)
+        name = f"N={run['connections']} rescue {'on' if run['rescue'] else 'off'}"
+        for what in ("copied", "handed"):
+            counted, reported = s[f"counters_{what}_total"], s[f"{what}_total"]
+            if run["rescue"] and counted != reported:
+                found.append(
+                    f"{name}: the rescue_{what} counter grew by {counted} over the reloads, "
+                    f"rescue.finished reported {reported}"
+                )
+        rest = s["master_rest_cpu_ms_per_s_max"]
+        if isinstance(rest, float) and rest > 100:
+            found.append(
+                f"{name}: the master used up to {rest:g} ms of CPU per second between reloads "
+                f"(median {s['master_rest_cpu_ms_per_s_median']:g}), where it has next to "
+                "nothing to do"
+            )
+        if s["status_errors"]:
+            found.append(f"{name}: {s['status_errors']} status requests failed")
+    return found
+
+
 NOTES: Final = """\
 Medians per reload; "copied" and "handed" per reload (medians), "released" and
 "failed keep-alive" summed over all of a master's reloads. Master CPU (psutil, 10 ms
@@ -664,6 +735,7 @@ reloads."""
 async def bench(args: argparse.Namespace, connections: list[int]) -> int:
     runs: list[dict[str, object]] = []
     comparisons: list[dict[str, object]] = []
+    began = time.monotonic()
     command_line = shlex.join(sys.orig_argv)
     print(f"command: {command_line}", flush=True)
     try:
@@ -693,6 +765,10 @@ async def bench(args: argparse.Namespace, connections: list[int]) -> int:
     print("\n".join(table(runs, comparisons)))
     print()
     print(NOTES)
+    found = warnings(runs)
+    for line in found:
+        print(f"WARNING: {line}")
+    print(f"\n{time.monotonic() - began:.0f} s")
     ok = all(run["master_exit_code"] == 0 for run in runs)
     if args.json is not None:
         document = {
@@ -706,6 +782,8 @@ async def bench(args: argparse.Namespace, connections: list[int]) -> int:
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(),
             "ok": ok,
+            "warnings": found,
+            "source": source_state(),
             "comparisons": comparisons,
             "runs": runs,
         }

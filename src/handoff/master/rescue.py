@@ -23,6 +23,7 @@ released the same way. Bounded: at most ``MAX_CONNECTIONS`` copies at once, and 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -73,6 +74,7 @@ class Rescued:
     copy: Copy
     worker: Pid
     window_ends: float
+    fd: int  # the copy's fd number, as long as it is in _by_fd (the socket may close first)
     phase: Phase = Phase.WATCHED
     let_go: bool = False  # WATCHED: the worker let go, its last bytes not acknowledged yet
     deadline: float = 0.0  # HELD: the hold's end; RELAYING: the relay's
@@ -141,7 +143,8 @@ class Rescue:
         copied = copy_connections(pid, self._addresses, self._listener_inodes, max(room, 0))
         window_ends = self._clock() + WINDOW_S
         for copy in copied.copies:
-            self._by_fd[copy.sock.fileno()] = Rescued(copy, pid, window_ends)
+            fd = copy.sock.fileno()
+            self._by_fd[fd] = Rescued(copy, pid, window_ends, fd)
         fields: dict[str, object] = {"pid": pid, "connections": len(copied.copies)}
         if copied.left:
             fields["left"] = copied.left
@@ -153,7 +156,11 @@ class Rescue:
 
     def exited(self, pid: Pid, event: ev.ChildExited | None) -> ev.ChildExited | None:
         """A worker's exit, on its way to the machine: first judge what it held."""
-        self.worker_gone(pid, killed=event is not None and event.status.signal is not None)
+        # Killed (SIGKILL: the drain timeout, the OOM killer): what it read may be lost.
+        # A worker that died of its stop signal (uvicorn raises it again once drained, a
+        # server without a handler dies of it) is judged like any other.
+        killed = event is not None and event.status.signal == signal.SIGKILL
+        self.worker_gone(pid, killed=killed)
         return event
 
     def worker_gone(self, pid: Pid, *, killed: bool) -> None:
@@ -213,7 +220,7 @@ class Rescue:
         if rescued.phase is Phase.HELD:
             self._check_request(rescued)
         elif rescued.relay is not None:
-            if fd == rescued.copy.sock.fileno():
+            if fd == rescued.fd:
                 rescued.relay.on_client(readable, writable)
             else:
                 rescued.relay.on_upstream(readable, writable)
@@ -260,8 +267,7 @@ class Rescue:
         else:
             rescued.deadline = self._clock() + self._settings.hold_s
         self._counts.taken_over()
-        fd = rescued.copy.sock.fileno()
-        self._sources.watch(fd, Watch(Source.RESCUE, fd=fd))
+        self._sources.watch(rescued.fd, Watch(Source.RESCUE, fd=rescued.fd))
         if verdict is Verdict.CHECK:
             self._check_request(rescued)
 
@@ -327,7 +333,7 @@ class Rescue:
     def _finish_relay(self, rescued: Rescued) -> None:
         relay = rescued.relay
         assert relay is not None
-        self._by_fd.pop(rescued.copy.sock.fileno(), None)
+        self._forget(rescued)
         relay.close()
         if relay.delivered:
             self._counts.handed(rescued.worker)
@@ -336,10 +342,9 @@ class Rescue:
 
     def _release(self, rescued: Rescued, why: Release, after: TcpCounters | None = None) -> None:
         """Let go of it: the master's copy closed, the client sees what it would have."""
-        fd = rescued.copy.sock.fileno()
-        if fd >= 0:
-            self._sources.unwatch(fd)
-            self._by_fd.pop(fd, None)
+        if rescued.copy.sock.fileno() >= 0:
+            self._sources.unwatch(rescued.fd)
+        self._forget(rescued)
         rescued.copy.sock.close()
         self._counts.released(rescued.worker, why)
         fields: dict[str, object] = {"pid": rescued.worker, "reason": str(why)}
@@ -357,6 +362,11 @@ class Rescue:
         emit(EventName.RESCUE_RELEASED, Level.DEBUG, **fields)
 
     # -- bookkeeping ----------------------------------------------------------------------
+
+    def _forget(self, rescued: Rescued) -> None:
+        """Out of _by_fd by the number it was filed under (not fileno(): -1 once closed)."""
+        if self._by_fd.get(rescued.fd) is rescued:
+            del self._by_fd[rescued.fd]
 
     def _connections(self) -> list[Rescued]:
         """Each rescued connection once (a relay is under two fds)."""
