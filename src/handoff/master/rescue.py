@@ -26,9 +26,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from enum import Enum, auto
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from handoff.core import events as ev
@@ -41,12 +40,12 @@ from handoff.master.holdings import Holdings
 from handoff.master.logs import emit
 from handoff.master.rescue_counts import RescueCounts
 from handoff.master.rescue_relay import Relay, Step
+from handoff.master.rescue_table import Phase, Rescued, RescueTable
 from handoff.master.sources import Source, Sources, Watch
 from handoff.system.rescue_copies import (
-    Copy,
+    FdListings,
     copy_connections,
     read_counters,
-    still_held,
     unavailable,
 )
 from handoff.system.serving_scan import ListenAddresses, listen_addresses
@@ -61,27 +60,6 @@ MAX_WAKEUPS: Final = 256
 # A worker that answered after its stop signal and then closed: how long its client may
 # take to send again before the last response counts as the end (Verdict.WAIT).
 ANSWER_GRACE_S: Final = 0.1
-
-
-class Phase(Enum):
-    WATCHED = auto()  # the worker still holds it
-    HELD = auto()  # let go at a request boundary: waiting for the client's request
-    RELAYING = auto()
-
-
-@dataclass(slots=True)
-class Rescued:
-    copy: Copy
-    worker: Pid
-    window_ends: float
-    fd: int  # the copy's fd number, as long as it is in _by_fd (the socket may close first)
-    phase: Phase = Phase.WATCHED
-    let_go: bool = False  # WATCHED: the worker let go, its last bytes not acknowledged yet
-    deadline: float = 0.0  # HELD: the hold's end; RELAYING: the relay's
-    on_timeout: Release = Release.HOLD_TIMEOUT  # HELD: why it goes at the deadline
-    received: bytearray = field(default_factory=bytearray)  # HELD: the request so far
-    lingering: bool = False  # RELAYING: the response is out, the client's EOF awaited
-    relay: Relay | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +87,7 @@ class Rescue:
         self._listener_inodes = listener_inodes
         self._sources = sources
         self._clock = clock
-        self._by_fd: dict[int, Rescued] = {}  # the client socket's fd, and a relay's upstream
+        self._table = RescueTable(clock)
         self._counts = RescueCounts(carried)
         self._serving: Callable[[], bool] = lambda: True
         self._next_look = 0.0
@@ -139,12 +117,12 @@ class Rescue:
         if self._unavailable:
             return
         started = time.thread_time()
-        room = MAX_CONNECTIONS - len(self._connections())
+        room = MAX_CONNECTIONS - len(self._table)
         copied = copy_connections(pid, self._addresses, self._listener_inodes, max(room, 0))
         window_ends = self._clock() + WINDOW_S
         for copy in copied.copies:
             fd = copy.sock.fileno()
-            self._by_fd[fd] = Rescued(copy, pid, window_ends, fd)
+            self._table.add(Rescued(copy, pid, window_ends, fd))
         fields: dict[str, object] = {"pid": pid, "connections": len(copied.copies)}
         if copied.left:
             fields["left"] = copied.left
@@ -167,52 +145,62 @@ class Rescue:
         """The worker exited, or is being killed: judge at once what it held (killed:
         release it all; a killed worker may have read a request it never answered)."""
         started = time.thread_time()
-        for rescued in self._watched(pid):
+        listings = FdListings()
+        for rescued in self._table.watched(pid):
             if killed:
                 self._release(rescued, Release.KILLED)
-            elif still_held(rescued.copy):  # by a process of its tree not reaped yet
+            elif listings.still_held(rescued.copy):  # by a process of its tree
                 self._release(rescued, Release.BUSY)
             else:
                 self._let_go(rescued)
         self._counts.spent_since(started)
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            r.deadline if r.phase is not Phase.WATCHED else min(self._next_look, r.window_ends)
-            for r in self._connections()
-        ]
-        return min(deadlines) if deadlines else None
+        deadline = self._table.next_deadline()
+        due = [] if deadline is None else [deadline]
+        if self._table.any_watched():
+            due.append(self._next_look)
+        return min(due) if due else None
 
     def expire(self, now: float) -> None:
         self._wakeups = 0  # the turn's wakeups are over: the next turn gets a fresh budget
-        if not self._by_fd:
+        if not len(self._table):
             return
         started = time.thread_time()
-        looks = MAX_LOOKS if now >= self._next_look else 0
-        if looks:
-            self._next_look = now + LOOK_S
-        serving = self._serving()
-        for rescued in self._connections():
-            if rescued.phase is Phase.WATCHED:
-                if not serving:
+        if not self._serving():  # the master stops: nothing is handed on any more
+            for rescued in self._table:
+                if rescued.phase is not Phase.RELAYING:
                     self._release(rescued, Release.STOPPING)
-                elif now >= rescued.window_ends:
-                    self._release(rescued, Release.UNSENT if rescued.let_go else Release.BUSY)
-                elif looks > 0:
-                    looks -= 1
-                    if rescued.let_go or not still_held(rescued.copy):
-                        self._let_go(rescued)
-            elif rescued.phase is Phase.HELD and (now >= rescued.deadline or not serving):
-                self._release(rescued, rescued.on_timeout if serving else Release.STOPPING)
-            elif rescued.phase is Phase.RELAYING and now >= rescued.deadline:
+        if self._table.any_watched() and now >= self._next_look:
+            self._next_look = now + LOOK_S
+            self._look(now)
+        for rescued in self._table.due(now):
+            if rescued.phase is Phase.HELD:
+                self._release(rescued, rescued.on_timeout)
+            else:
                 assert rescued.relay is not None
                 if not rescued.relay.delivered:  # else only the client's EOF was awaited
                     rescued.relay.failure = "timed out"
                 self._finish_relay(rescued)
         self._counts.spent_since(started)
 
+    def _look(self, now: float) -> None:
+        """Which of the watched connections did their workers let go of? At most
+        MAX_LOOKS of them a turn; at its window's end, a connection still held is let go."""
+        listings = FdListings()
+        looks = MAX_LOOKS
+        for rescued in self._table.watched():
+            ended = now >= rescued.window_ends
+            if looks <= 0 and not ended:
+                continue
+            looks -= 1
+            if rescued.let_go or (looks >= 0 and not listings.still_held(rescued.copy)):
+                self._let_go(rescued)  # at the window's end, unacknowledged bytes: unsent
+            elif ended:
+                self._release(rescued, Release.BUSY)
+
     def on_ready(self, fd: int, readable: bool, writable: bool) -> None:
-        rescued = self._by_fd.get(fd)
+        rescued = self._table.waking(fd)
         if rescued is None or self._wakeups >= MAX_WAKEUPS:
             return
         self._wakeups += 1
@@ -229,12 +217,12 @@ class Rescue:
             elif rescued.relay.step is Step.LINGERING and not rescued.lingering:
                 # Answered: the client's EOF is awaited no longer than a hold.
                 rescued.lingering = True
-                rescued.deadline = self._clock() + self._settings.hold_s
+                self._table.set_deadline(rescued, self._settings.hold_s)
         self._counts.spent_since(started)
 
     def close(self) -> None:
         """At the master's end (or before a re-exec): let go of everything."""
-        for rescued in self._connections():
+        for rescued in self._table:
             if rescued.relay is not None:
                 rescued.relay.close()
             self._release(rescued, Release.STOPPING)
@@ -261,11 +249,12 @@ class Rescue:
         # Ours alone now: its flags may change.
         rescued.copy.sock.setblocking(False)
         rescued.phase = Phase.HELD
+        self._table.unwatch(rescued)
         if verdict is Verdict.WAIT:
-            rescued.deadline = self._clock() + ANSWER_GRACE_S
+            self._table.set_deadline(rescued, ANSWER_GRACE_S)
             rescued.on_timeout = Release.QUIET
         else:
-            rescued.deadline = self._clock() + self._settings.hold_s
+            self._table.set_deadline(rescued, self._settings.hold_s)
         self._counts.taken_over()
         self._sources.watch(rescued.fd, Watch(Source.RESCUE, fd=rescued.fd))
         if verdict is Verdict.CHECK:
@@ -306,7 +295,7 @@ class Rescue:
         head = rewrite(request, client, self._settings.forwarded) + body
         rescued.received = bytearray()
         rescued.phase = Phase.RELAYING
-        rescued.deadline = self._clock() + self._settings.relay_timeout_s
+        self._table.set_deadline(rescued, self._settings.relay_timeout_s)
         try:
             relay = Relay(sock, head, request.body_length - len(body), self._interest)
         except OSError:  # no socket to the new generation (the master is out of fds)
@@ -316,7 +305,7 @@ class Rescue:
         if relay.step is Step.DONE:
             self._finish_relay(rescued)
             return
-        self._by_fd[relay.upstream.fileno()] = rescued
+        self._table.wakes_too(relay.upstream.fileno(), rescued)
 
     def _interest(self, sock: socket.socket, read: bool, write: bool) -> None:
         fd = sock.fileno()
@@ -326,14 +315,14 @@ class Rescue:
             self._sources.watch(fd, Watch(Source.RESCUE, fd=fd), read=read, write=write)
             return
         self._sources.unwatch(fd)
-        owner = self._by_fd.get(fd)
+        owner = self._table.waking(fd)
         if owner is not None and owner.relay is not None and owner.relay.upstream is sock:
-            del self._by_fd[fd]  # closed next: its number may soon name another socket
+            self._table.quiet(fd, owner)
 
     def _finish_relay(self, rescued: Rescued) -> None:
         relay = rescued.relay
         assert relay is not None
-        self._forget(rescued)
+        self._table.forget(rescued)
         relay.close()
         if relay.delivered:
             self._counts.handed(rescued.worker)
@@ -344,7 +333,7 @@ class Rescue:
         """Let go of it: the master's copy closed, the client sees what it would have."""
         if rescued.copy.sock.fileno() >= 0:
             self._sources.unwatch(rescued.fd)
-        self._forget(rescued)
+        self._table.forget(rescued)
         rescued.copy.sock.close()
         self._counts.released(rescued.worker, why)
         fields: dict[str, object] = {"pid": rescued.worker, "reason": str(why)}
@@ -362,21 +351,6 @@ class Rescue:
         emit(EventName.RESCUE_RELEASED, Level.DEBUG, **fields)
 
     # -- bookkeeping ----------------------------------------------------------------------
-
-    def _forget(self, rescued: Rescued) -> None:
-        """Out of _by_fd by the number it was filed under (not fileno(): -1 once closed)."""
-        if self._by_fd.get(rescued.fd) is rescued:
-            del self._by_fd[rescued.fd]
-
-    def _connections(self) -> list[Rescued]:
-        """Each rescued connection once (a relay is under two fds)."""
-        seen: dict[int, Rescued] = {}
-        for rescued in self._by_fd.values():
-            seen.setdefault(id(rescued), rescued)
-        return list(seen.values())
-
-    def _watched(self, pid: Pid) -> Iterable[Rescued]:
-        return [r for r in self._connections() if r.worker == pid and r.phase is Phase.WATCHED]
 
 
 class MachineState(Protocol):

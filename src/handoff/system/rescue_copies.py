@@ -9,8 +9,8 @@ only asks (``getsockopt``, ``ioctl``): the file's flags (O_NONBLOCK) are shared 
 worker, and changing them would change the worker's socket.
 
 The kernel says nothing when another process closes an fd, so whether the worker still
-holds a connection is looked up (``/proc/PID/fd/N`` still names the socket's inode) by
-the caller, a bounded number of times in a short window after the stop signal.
+holds a connection is looked up (its fd number still in ``/proc/PID/fd``) by the caller,
+a bounded number of times in a short window after the stop signal.
 """
 
 from __future__ import annotations
@@ -164,10 +164,24 @@ def read_counters(sock: socket.socket) -> TcpCounters | None:
         return None
 
 
-def still_held(copy: Copy) -> bool:
-    """Does a process of the worker's tree still hold the connection?"""
-    for holder in copy.holders:
-        with contextlib.suppress(OSError):
-            if os.stat(f"/proc/{holder.pid}/fd/{holder.fd}").st_ino == copy.inode:
-                return True
-    return False
+class FdListings:
+    """One look at the holders' fd tables: each process's /proc/PID/fd listed once, however
+    many of its connections are asked about (one directory read, not a stat per socket)."""
+
+    def __init__(self) -> None:
+        self._listed: dict[Pid, frozenset[int]] = {}
+
+    def still_held(self, copy: Copy) -> bool:
+        """Does a process of the worker's tree still hold the connection? An fd number the
+        worker reused for another file counts as held: the rescue waits, then lets go."""
+        return any(holder.fd in self._fds(holder.pid) for holder in copy.holders)
+
+    def _fds(self, pid: Pid) -> frozenset[int]:
+        listed = self._listed.get(pid)
+        if listed is None:
+            try:
+                names = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                names = []  # exited (or a zombie's empty table): it holds nothing
+            listed = self._listed[pid] = frozenset(int(name) for name in names)
+        return listed
