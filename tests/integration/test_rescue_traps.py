@@ -320,7 +320,7 @@ def _assert_answer_then_eof(seen: Seen, reloaded: Reloaded, timing: str) -> Resp
 def _released_after_answer(event: Event | None, timing: str) -> None:
     if event is not None:
         assert event["handed"] == 0, event
-        assert event["released"] == ({"answered": 1} if timing == "in-window" else {"busy": 1})
+        assert event["released"] == ({"quiet": 1} if timing == "in-window" else {"busy": 1})
 
 
 @pytest.mark.timeout(60)
@@ -457,7 +457,7 @@ def test_pipelined_pair_in_flight_gets_no_extra_answer(
     assert seen.eof_delay < EOF_AFTER_LAST_BYTE_S, seen
     if event is not None:
         assert event["handed"] == 0, event
-        assert event["released"] == ({"answered": 1} if timing == "in-window" else {"busy": 1})
+        assert event["released"] == ({"quiet": 1} if timing == "in-window" else {"busy": 1})
 
 
 # -- 6, 7, 8 and the control: an idle keep-alive connection's next bytes after the reload ---

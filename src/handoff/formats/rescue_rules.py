@@ -75,7 +75,6 @@ class Release(StrEnum):
 
     CLOSED = "closed"  # a FIN or a reset, from either side
     UNSENT = "unsent"  # the worker's last bytes were not acknowledged within the window
-    ANSWERED = "answered"  # its last response was the answer to the request in flight
     QUIET = "quiet"  # it answered after its stop signal, and the client sent nothing more
     UNANSWERED = "unanswered"  # the worker read a request it did not answer
     PIPELINED = "pipelined"  # the waiting bytes came before the worker's last response
@@ -127,8 +126,8 @@ def judge(before: TcpCounters, after: TcpCounters) -> Verdict | Release:
             return Release.UNANSWERED if in_flight(before) or in_flight(after) else Verdict.HOLD
         if in_flight(after):
             return Release.UNANSWERED  # a request came after its last answer, and it read it
-        if in_flight(before) and not read:
-            return Release.ANSWERED  # the answer to the request in flight: its last one
+        # Even the answer to the request in flight at the signal may have said keep-alive
+        # (written before the server noticed its stop): only the client can tell.
         return Verdict.WAIT
     if after.last_data_recv_ms > after.last_data_sent_ms:
         return Release.PIPELINED  # sent before the last response: a pipelining client
