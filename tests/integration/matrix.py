@@ -258,14 +258,12 @@ def record_rescue(
     reloads: int,
     clients: int,
     stats: LoadStats,
-    finished: list[Event],
+    totals: Mapping[str, Any],
     mark: int,
 ) -> None:
-    """Record one run of the keep-alive rescue suite (test_rescue.py): its own rows."""
+    """Record one run of the keep-alive rescue suite (test_rescue.py): its own rows;
+    totals: ``rescue_totals`` of the run's rescue.finished events."""
     via, detail = readiness(master.named("worker.ready", after=mark))
-    released: collections.Counter[str] = collections.Counter()
-    for event in finished:
-        released.update(event["released"])
     record(
         server=server,
         variant=variant,
@@ -279,11 +277,23 @@ def record_rescue(
             "suite": "rescue",
             "rescue": rescue,
             "keepalive_clients": clients,
-            "rescue_copied": sum(int(e["copied"]) for e in finished),
-            "rescue_handed": sum(int(e["handed"]) for e in finished),
-            "rescue_released": dict(sorted(released.items())),
+            "rescue_copied": totals["copied"],
+            "rescue_handed": totals["handed"],
+            "rescue_released": totals["released"],
         },
     )
+
+
+def rescue_totals(finished: list[Event]) -> dict[str, Any]:
+    """A run's rescue.finished events summed: copied, handed, released by reason."""
+    released: collections.Counter[str] = collections.Counter()
+    for event in finished:
+        released.update(event["released"])
+    return {
+        "copied": sum(int(e["copied"]) for e in finished),
+        "handed": sum(int(e["handed"]) for e in finished),
+        "released": dict(sorted(released.items())),
+    }
 
 
 def assert_nothing_refused_or_lost(stats: LoadStats, backlog: int | None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.integration import matrix, test_servers_other, test_servers_python
-from tests.integration.harness import APPS, Event, running
+from tests.integration.harness import APPS, running
 from tests.integration.test_servers_other import _runtime_or_skip, go_bin  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -125,6 +125,7 @@ def _run(request: pytest.FixtureRequest, tmp_path: Path, case: Case, *, rescue: 
         )
         stats = load.stats
         finished = master.named("rescue.finished", after=mark)
+        rescued = matrix.rescue_totals(finished)
         matrix.record_rescue(
             master,
             server=case.server,
@@ -134,14 +135,14 @@ def _run(request: pytest.FixtureRequest, tmp_path: Path, case: Case, *, rescue: 
             reloads=reloads,
             clients=KEEPALIVE_CLIENTS,
             stats=stats,
-            finished=finished,
+            totals=rescued,
             mark=mark,
         )
-        summary = {**stats.to_dict(), "rescued": _rescued(finished)}
+        summary = {**stats.to_dict(), "rescued": rescued}
         print(f"{case.key} rescue={rescue}: {summary}")
         assert not master.named("rescue.unavailable"), summary
         if rescue:
-            _assert_rescued(case, stats.total_failures(), _rescued(finished), summary)
+            _assert_rescued(case, stats.total_failures(), rescued, summary)
         else:
             assert sum(stats.failures_fresh.values()) == 0, summary
             assert sum(stats.failures_keepalive.values()) > 0, summary  # today's race
@@ -171,33 +172,3 @@ def _assert_rescued(
         # 1 to 4 requests of 16 per reload by itself).
         assert failed <= sum(released.get(reason, 0) for reason in DOUBT), summary
         assert failed <= rescued["copied"] // 2, summary
-
-
-def _rescued(finished: list[Event]) -> dict[str, Any]:
-    released: dict[str, int] = {}
-    for event in finished:
-        for reason, count in event["released"].items():
-            released[reason] = released.get(reason, 0) + count
-    return {
-        "copied": sum(e["copied"] for e in finished),
-        "handed": sum(e["handed"] for e in finished),
-        "released": released,
-    }
-
-
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("rescue", [False, True], ids=["without", "with"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.key)
-def test_keepalive_rescue_under_load(
-    request: pytest.FixtureRequest, tmp_path: Path, case: Case, rescue: bool
-) -> None:
-    _run(request, tmp_path, case, rescue=rescue)
-
-
-@pytest.mark.timeout(150)
-@FULL_MATRIX
-@pytest.mark.parametrize("case", HARMLESS, ids=lambda c: c.key)
-def test_rescue_changes_nothing_where_nothing_races(
-    request: pytest.FixtureRequest, tmp_path: Path, case: Case
-) -> None:
-    _run(request, tmp_path, case, rescue=True)

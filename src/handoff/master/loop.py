@@ -222,8 +222,7 @@ class MasterLoop:
 
     def turn(self) -> None:
         """Wait for what is next, and handle everything that woke the loop."""
-        timed = self._timed
-        due = [self._timers.next_deadline(), *(part.next_deadline() for part in timed)]
+        due = [self._timers.next_deadline(), *(part.next_deadline() for part in self._timed)]
         deadlines = [deadline for deadline in due if deadline is not None]
         timeout = max(0.0, min(deadlines) - self._system.clock()) if deadlines else None
         for wakeup in self._sources.wait(timeout):
@@ -231,7 +230,7 @@ class MasterLoop:
                 return
             self._on_wakeup(wakeup)
         now = self._system.clock()
-        for part in timed:
+        for part in self._timed:
             part.expire(now)
         for key in self._timers.pop_due(now):
             if self._exit is not None:

@@ -28,7 +28,7 @@ from handoff.master.system import System
 from handoff.system.accepting_scan import ProcUnreadable, listen_addresses
 from handoff.system.children import SpawnRequest
 from handoff.system.serving_scan import MAX_NET_TABLE_BYTES
-from handoff.system.sockets import Listener
+from handoff.system.sockets import Listener, listener_inodes
 
 # At most one search per this many seconds of the kernel's socket lists for connections a
 # worker tree accepted, shared by all starting workers: the fallback where its sockets
@@ -85,7 +85,7 @@ class Probes:
         self._ready = ready
         self._environ = dict(environ)
         # inode -> the master's fd: how /proc names our sockets in a worker's tables.
-        self._listener_inodes = {os.fstat(lst.fileno()).st_ino: lst.fileno() for lst in listeners}
+        self._listener_inodes = listener_inodes(listeners)
         # Their addresses: a connection accepted on one proves a worker serves (auto).
         self._addresses = listen_addresses(lst.sock for lst in listeners)
         self._tables_searched_at = -TABLES_INTERVAL_S

@@ -22,7 +22,6 @@ released the same way. Bounded: at most ``MAX_CONNECTIONS`` copies at once, and 
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time
@@ -49,6 +48,7 @@ from handoff.system.rescue_copies import (
     unavailable,
 )
 from handoff.system.serving_scan import ListenAddresses, listen_addresses
+from handoff.system.sockets import listener_inodes
 
 WINDOW_S: Final = 0.5  # after the stop signal: a close later than this is not trusted
 LOOK_S: Final = 0.002  # between looks at the connections a worker still holds
@@ -164,7 +164,7 @@ class Rescue:
 
     def expire(self, now: float) -> None:
         self._wakeups = 0  # the turn's wakeups are over: the next turn gets a fresh budget
-        if not len(self._table):
+        if not self._table:
             return
         started = time.thread_time()
         if not self._serving():  # the master stops: nothing is handed on any more
@@ -190,13 +190,14 @@ class Rescue:
         listings = FdListings()
         looks = MAX_LOOKS
         for rescued in self._table.watched():
-            ended = now >= rescued.window_ends
-            if looks <= 0 and not ended:
+            if rescued.let_go:  # only its acknowledgement is awaited: no lookup needed
+                self._let_go(rescued)  # at the window's end, still unacknowledged: unsent
                 continue
-            looks -= 1
-            if rescued.let_go or (looks >= 0 and not listings.still_held(rescued.copy)):
-                self._let_go(rescued)  # at the window's end, unacknowledged bytes: unsent
-            elif ended:
+            looked = looks > 0
+            looks -= looked
+            if looked and not listings.still_held(rescued.copy):
+                self._let_go(rescued)
+            elif now >= rescued.window_ends:
                 self._release(rescued, Release.BUSY)
 
     def on_ready(self, fd: int, readable: bool, writable: bool) -> None:
@@ -350,8 +351,6 @@ class Rescue:
             )
         emit(EventName.RESCUE_RELEASED, Level.DEBUG, **fields)
 
-    # -- bookkeeping ----------------------------------------------------------------------
-
 
 class MachineState(Protocol):
     @property
@@ -373,11 +372,10 @@ def open_rescue(
         forwarded=config.rescue.forwarded,
         relay_timeout_s=config.timeouts.drain_s,
     )
-    inodes = frozenset(os.fstat(sock.fileno()).st_ino for sock in socks)
     rescue = Rescue(
         settings,
         listen_addresses(socks),
-        listener_inodes=inodes,
+        listener_inodes=frozenset(listener_inodes(holdings.listeners)),
         sources=sources,
         clock=clock,
         carried=carried,

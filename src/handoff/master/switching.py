@@ -38,6 +38,7 @@ from handoff.system import http_probe
 from handoff.system.capabilities import pidfd_getfd_refusal
 from handoff.system.children import SpawnRequest
 from handoff.system.detach import Detachment, Registration
+from handoff.system.sockets import listener_inodes
 
 _NO_DETACH_HINT = (
     "a seccomp filter refuses pidfd_getfd (a container's profile, or systemd's "
@@ -70,7 +71,7 @@ class Switching:
         self._environ = clean_environment(environ)
         self._workdir = config.workdir
         # inode -> the master's fd: how /proc names our sockets in a worker's tables.
-        self._listener_inodes = {os.fstat(lst.fileno()).st_ino: lst.fileno() for lst in listeners}
+        self._listener_inodes = listener_inodes(listeners)
         self._target = next(
             (t for lst in listeners if (t := http_probe.probe_target(lst.sock)) is not None), None
         )

@@ -16,7 +16,6 @@ a bounded number of times in a short window after the stop signal.
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import fcntl
 import os
@@ -33,10 +32,12 @@ from handoff.system.accepting_scan import process_fds
 from handoff.system.capabilities import pidfd_getfd, pidfd_getfd_refusal
 from handoff.system.process_tree import open_listed, tree
 from handoff.system.serving_scan import ListenAddresses, accepted_connection
+from handoff.system.users import effective_capabilities
 
 _SIOCINQ: Final = termios.FIONREAD
 _SIOCOUTQ: Final = 0x5411  # TIOCOUTQ, which sockets answer with their send queue
 _YAMA: Final = Path("/proc/sys/kernel/yama/ptrace_scope")
+CAP_SYS_PTRACE: Final = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,18 +78,9 @@ def unavailable() -> str | None:
         return None  # no Yama: the usual ptrace rules (a parent may)
     if scope >= 3:
         return "ptrace is disabled (kernel.yama.ptrace_scope = 3)"
-    if scope == 2 and not _has_sys_ptrace():
+    if scope == 2 and CAP_SYS_PTRACE not in effective_capabilities():
         return "kernel.yama.ptrace_scope = 2 needs CAP_SYS_PTRACE, which this master lacks"
     return None
-
-
-def _has_sys_ptrace() -> bool:
-    cap_sys_ptrace = 19
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> cap_sys_ptrace & 1)
-    return False
 
 
 def copy_connections(

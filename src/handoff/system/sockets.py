@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -120,6 +121,11 @@ def close_listeners(listeners: list[Listener]) -> None:
             listener.sock.close()
         else:
             close_unix_socket(listener.sock, listener.created_path, listener.created_file)
+
+
+def listener_inodes(listeners: Iterable[Listener]) -> dict[int, int]:
+    """inode -> the master's fd: how /proc names the listening sockets in a worker's tables."""
+    return {os.fstat(lst.fileno()).st_ino: lst.fileno() for lst in listeners}
 
 
 def _open(spec: BindSpec, backlog: int) -> Listener:
