@@ -172,3 +172,21 @@ def _assert_rescued(
         # 1 to 4 requests of 16 per reload by itself).
         assert failed <= sum(released.get(reason, 0) for reason in DOUBT), summary
         assert failed <= rescued["copied"] // 2, summary
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("rescue", [False, True], ids=["without", "with"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.key)
+def test_keepalive_rescue_under_load(
+    request: pytest.FixtureRequest, tmp_path: Path, case: Case, rescue: bool
+) -> None:
+    _run(request, tmp_path, case, rescue=rescue)
+
+
+@pytest.mark.timeout(150)
+@FULL_MATRIX
+@pytest.mark.parametrize("case", HARMLESS, ids=lambda c: c.key)
+def test_rescue_changes_nothing_where_nothing_races(
+    request: pytest.FixtureRequest, tmp_path: Path, case: Case
+) -> None:
+    _run(request, tmp_path, case, rescue=True)
